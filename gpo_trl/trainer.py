@@ -1,0 +1,151 @@
+"""`GPOTrainer`: TRL's `DPOTrainer` with the loss replaced by E[f(beta * rho)] for a pluggable f.
+
+What changes relative to `DPOTrainer`: only `_compute_loss`. Everything else (dataset preparation, PEFT with the
+disabled adapter as the reference, `precompute_ref_log_probs`, the fused LM head that never builds the full
+(batch, seq, vocab) logits, gradient accumulation, evaluation, model cards) is TRL's own code path.
+
+The override reuses TRL's public pieces: the fused LM head outputs (`log_probs`, `entropy`, `mean_logits`,
+`is_top1`), `compute_ref_log_probs` for the reference pass, and the `_metrics` store. It logs TRL's metrics under
+TRL's names, plus `gpo/*` diagnostics (see `_log_gpo_diagnostics`).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+from trl import DPOTrainer
+
+from .config import GPOConfig
+
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+class GPOTrainer(DPOTrainer):
+    """Generalized Preference Optimization trainer. Same constructor as [`trl.DPOTrainer`]; `args` is a `GPOConfig`.
+
+    loss = mean over pairs of f(beta_eff * rho), rho = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)],
+    with f = `args.gpo_loss`, beta_eff = `args.effective_beta`, and rho per token when `args.gpo_length_normalize`.
+    """
+
+    _tag_names = ["trl", "dpo", "gpo", "gpo_trl"]
+    _name = "GPO"
+    _paper = {
+        "title": "Generalized Preference Optimization: A Unified Approach to Offline Alignment",
+        "id": "2402.05749",
+        "citation": textwrap.dedent("""\
+            @inproceedings{tang2024generalized,
+                title        = {{Generalized Preference Optimization: A Unified Approach to Offline Alignment}},
+                author       = {Yunhao Tang and Zhaohan Daniel Guo and Zeyu Zheng and Daniele Calandriello and Rémi Munos and Mark Rowland and Pierre Harvey Richemond and Michal Valko and Bernardo Ávila Pires and Bilal Piot},
+                year         = 2024,
+                booktitle    = {Forty-first International Conference on Machine Learning, ICML 2024},
+            }"""),
+    }
+
+    def __init__(self, model, ref_model=None, args: GPOConfig | None = None, *pos, **kwargs):
+        if args is not None and not isinstance(args, GPOConfig):
+            raise TypeError(f"GPOTrainer needs a GPOConfig, got {type(args).__name__}; GPOConfig takes the same fields.")
+        if args is None:
+            args = GPOConfig(output_dir="gpo-output")
+        super().__init__(model, ref_model, args, *pos, **kwargs)
+        self.gpo_loss = args.build_loss()
+        # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
+        self.beta = args.effective_beta
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+
+        token_mask = inputs["completion_mask"][:, 1:]  # (2B, T-1): log_probs are for tokens 1..T-1
+        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
+        logps = outputs.log_probs[:, -token_mask.size(1) :].sum(dim=1)  # (2B,) summed over completion tokens
+        chosen_logps, rejected_logps = logps.chunk(2)  # the collator stacks [chosen; rejected]
+        ref_chosen_logps, ref_rejected_logps = self._reference_logps(model, inputs)
+        chosen_logratios = chosen_logps - ref_chosen_logps
+        rejected_logratios = rejected_logps - ref_rejected_logps
+
+        rho = self._margin(chosen_logratios, rejected_logratios, inputs["completion_mask"])
+        scaled_margin = self.beta * rho
+        loss = self.gpo_loss(scaled_margin).mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        self._log_token_metrics(mode, outputs, inputs, token_mask)
+        self._log_reward_metrics(mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps)
+        self._log_gpo_diagnostics(mode, rho, scaled_margin)
+        if return_outputs:  # deprecated in TRL too: the fused head builds no logits, so recompute them
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.precompute_ref_logps:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        # With PEFT and no ref_model, TRL's helper disables the adapter on `model` for this pass.
+        return self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
+
+    def _margin(self, chosen_logratios, rejected_logratios, completion_mask) -> torch.Tensor:
+        """rho per pair: summed log-ratios, or per-token averages when `gpo_length_normalize` (TRL's IPO form)."""
+        if self.args.gpo_length_normalize:
+            chosen_len, rejected_len = completion_mask.sum(dim=1).clamp(min=1).chunk(2)
+            chosen_logratios = chosen_logratios / chosen_len
+            rejected_logratios = rejected_logratios / rejected_len
+        return chosen_logratios - rejected_logratios
+
+    def _gather_mean(self, value: torch.Tensor) -> float:
+        return self.accelerator.gather(value.detach()).float().mean().item()
+
+    def _gather_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather_for_metrics(value.detach()).sum()
+
+    def _log_token_metrics(self, mode, outputs, inputs, token_mask):
+        """TRL's per-token metrics under TRL's names: entropy, num_tokens, logits/*, mean_token_accuracy.
+
+        Sums are gathered across ranks before dividing, so every rank logs the global token average.
+        """
+        seq_len = token_mask.size(1)
+        metrics = self._metrics[mode]
+        n_tokens = self._gather_sum(token_mask.sum())
+        entropy_sum = self._gather_sum((outputs.entropy[:, -seq_len:] * token_mask).sum())
+        metrics["entropy"].append((entropy_sum / n_tokens).item() if n_tokens > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += self._gather_sum(inputs["attention_mask"].sum()).item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        chosen_mask, rejected_mask = token_mask.bool().chunk(2)
+        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2)
+        for name, logits, mask in (("chosen", chosen_logits, chosen_mask), ("rejected", rejected_logits, rejected_mask)):
+            count = self._gather_sum(mask.sum()).item()
+            metrics[f"logits/{name}"].append(self._gather_sum(logits[mask].sum()).item() / count if count else 0.0)
+
+        chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2)[0]
+        count = self._gather_sum(chosen_mask.sum())
+        correct = self._gather_sum((chosen_top1 & chosen_mask).sum())
+        metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+    def _log_reward_metrics(self, mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps):
+        """TRL's implicit-reward metrics: rewards = beta * summed log-ratio, as DPO defines them."""
+        metrics = self._metrics[mode]
+        chosen_rewards = self.beta * chosen_logratios.detach()
+        rejected_rewards = self.beta * rejected_logratios.detach()
+        metrics["rewards/chosen"].append(self._gather_mean(chosen_rewards))
+        metrics["rewards/rejected"].append(self._gather_mean(rejected_rewards))
+        metrics["rewards/accuracies"].append(self._gather_mean((chosen_rewards > rejected_rewards).float()))
+        metrics["rewards/margins"].append(self._gather_mean(chosen_rewards - rejected_rewards))
+        metrics["logps/chosen"].append(self._gather_mean(chosen_logps))
+        metrics["logps/rejected"].append(self._gather_mean(rejected_logps))
+
+    def _log_gpo_diagnostics(self, mode, rho, scaled_margin):
+        """GPO paper, Sec. 3: E[rho], the offline regulariser 1/2 E[rho^2], and how much of the batch still pushes."""
+        metrics = self._metrics[mode]
+        rho = rho.detach()
+        metrics["gpo/margin"].append(self._gather_mean(rho))
+        metrics["gpo/offline_reg"].append(0.5 * self._gather_mean(rho**2))
+        metrics["gpo/push"].append(self._gather_mean(self.gpo_loss.derivative(scaled_margin).abs()))
+        metrics["gpo/beta_effective"].append(float(self.beta))
