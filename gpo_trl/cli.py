@@ -1,0 +1,122 @@
+"""The `gpo-trl` command: `train` (through `accelerate launch`, like `trl dpo`) and `losses`.
+
+    gpo-trl train --config recipe.yaml [--key value ...] [--accelerate_config NAME|PATH] [--num_processes N]
+    gpo-trl losses
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .recipe import ConfigError, parse_args
+
+# Options meant for `accelerate launch`, not for the recipe. Everything else must be a recipe key.
+_LAUNCH_OPTIONS = {"--accelerate_config", "--num_processes", "--num_machines", "--machine_rank",
+                   "--main_process_ip", "--main_process_port"}
+_ACCELERATE_CONFIGS = Path(__file__).parent / "accelerate_configs"
+
+
+def split_launch_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `accelerate launch` options (with their values) from the recipe's arguments."""
+    launch, recipe = [], []
+    tokens = iter(argv)
+    for token in tokens:
+        name, has_value, value = token.partition("=")
+        if name in _LAUNCH_OPTIONS:
+            value = value if has_value else next(tokens, None)
+            if value is None:
+                raise ConfigError(f"`{name}` needs a value.")
+            launch += [name, value]
+        else:
+            recipe.append(token)
+    return launch, recipe
+
+
+def accelerate_launch_args(launch: list[str]) -> list[str]:
+    """Translate our launch options to `accelerate launch` flags (config names resolve to shipped files)."""
+    options = dict(zip(launch[::2], launch[1::2]))
+    args = []
+    config = options.pop("--accelerate_config", None)
+    if config is not None:
+        args += ["--config_file", str(resolve_accelerate_config(config))]
+    num_processes = options.get("--num_processes")
+    if num_processes is not None and int(num_processes) > 1 and config is None:
+        # Without a config file, several processes need --multi_gpu; with `use_cpu: true` in the recipe this is DDP
+        # over gloo on the CPU (`--cpu` would start a single process, see shared/reference/measured.md).
+        args.append("--multi_gpu")
+    for name, value in options.items():
+        args += [name, value]
+    if config is None and not _has_default_accelerate_config():
+        # Spell out accelerate's defaults so it does not warn about each one on every run.
+        defaults = {"--num_processes": "1", "--num_machines": "1", "--mixed_precision": "no", "--dynamo_backend": "no"}
+        args += [item for name, value in defaults.items() if name not in args for item in (name, value)]
+    return args
+
+
+def _has_default_accelerate_config() -> bool:
+    from accelerate.commands.config import default_config_file
+
+    return Path(default_config_file).is_file()
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = _ACCELERATE_CONFIGS / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in _ACCELERATE_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"Accelerate config {name_or_path!r} is neither a file nor one of the shipped configs: {names}.")
+
+
+def train(argv: list[str]) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    launch, recipe_args = split_launch_args(argv)
+    parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
+    launch_parser = launch_command_parser()
+    accelerate_args = launch_parser.parse_args(accelerate_launch_args(launch) + ["-m", "gpo_trl.recipe"] + recipe_args)
+    launch_command(accelerate_args)
+    return 0
+
+
+def losses(argv: list[str]) -> int:
+    from .losses import format_number, loss_table
+
+    header = ("name", "f(t)", "f'(0)", "f''(0)", "c_f", "convex")
+    rows = [(r["name"], r["formula"], format_number(r["d1_at_0"]), format_number(r["d2_at_0"]),
+             format_number(r["c_f"]), "yes" if r["convex"] else "no") for r in loss_table()]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\nc_f = f''(0) / (2 |f'(0)|): offline-regularisation strength per unit beta (GPO paper, Sec. 4).")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train, "losses": losses}
+    if not argv or argv[0] not in commands:
+        parser = argparse.ArgumentParser(prog="gpo-trl", description="Generalized Preference Optimization on TRL.")
+        parser.add_argument("command", choices=sorted(commands), help="train: run a recipe; losses: list f(t)")
+        parser.parse_args(argv[:1])
+    command, rest = argv[0], argv[1:]
+    if command == "train" and rest in ([], ["-h"], ["--help"]):
+        from .recipe import make_parser
+
+        make_parser(prog="gpo-trl train").print_help()
+        print("\nLaunch options: --accelerate_config NAME|PATH, --num_processes N, --num_machines, --machine_rank, "
+              "--main_process_ip, --main_process_port.")
+        return 0
+    try:
+        return commands[command](rest)
+    except ConfigError as err:
+        print(f"gpo-trl: configuration error:\n{err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The GPO training recipe: parse a YAML recipe + command-line overrides, train, evaluate, save, push.
+
+Reads top to bottom in execution order. Launched by `gpo-trl train` through `accelerate launch -m gpo_trl.recipe`,
+or directly: `accelerate launch scripts/train.py --config configs/demo.yaml`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+from .config import GPOConfig
+
+
+@dataclass
+class GPOScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments` (dataset_name, dataset_config, splits) plus what the GPO recipe adds."""
+
+    prepare_demo_assets: bool = field(
+        default=False,
+        metadata={
+            "help": "Write the offline demo's tiny model to `model_name_or_path` and its dataset to `dataset_name` "
+            "before training, when they do not exist yet (deterministic, no network)."
+        },
+    )
+    eval_before_training: bool = field(
+        default=False,
+        metadata={"help": "Evaluate on the test split before training too, for a before/after summary."},
+    )
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line problem, reported before any model or dataset is loaded."""
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    # allow_abbrev=False: argparse would otherwise silently read `--learning_rat` as `--learning_rate`.
+    return TrlParser((GPOScriptArguments, GPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog, allow_abbrev=False)
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse `--config recipe.yaml` and overrides into (script, training, model, dataset) arguments.
+
+    Unlike TRL, an unknown key in the YAML or on the command line is an error with a "did you mean" hint:
+    a typo in `beta` must never train with the default.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_config_file(argv)
+    parser = make_parser()
+    try:
+        *parsed, yaml_unknown, cli_unknown = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ValueError as err:  # GPOConfig / DPOConfig __post_init__ checks
+        raise ConfigError(str(err)) from err
+    known = sorted({action.dest for action in parser._actions})
+    problems = [_unknown_key_message(key, "the YAML recipe", known) for key in yaml_unknown[::2]]
+    problems += [_unknown_key_message(tok, "the command line", known) for tok in cli_unknown if tok.startswith("-")]
+    if cli_unknown and not problems:
+        problems.append(f"Unexpected command-line values {cli_unknown}; options are written `--key value`.")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return tuple(parsed)
+
+
+def _check_config_file(argv: list[str]):
+    if "--config" not in argv:
+        return
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise ConfigError("`--config` needs a path to a YAML recipe.")
+    path = argv[index + 1]
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f)
+    except FileNotFoundError as err:
+        raise ConfigError(f"Recipe file {path!r} does not exist.") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Recipe file {path!r} is not valid YAML: {err}") from err
+    if not isinstance(content, dict):
+        raise ConfigError(f"Recipe file {path!r} must be a YAML mapping of `key: value` lines.")
+
+
+def _unknown_key_message(key: str, where: str, known: list[str]) -> str:
+    name = key.lstrip("-").split("=")[0].replace("-", "_")
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else " Run `gpo-trl train --help` for all keys."
+    return f"Unknown key {name!r} in {where}.{hint}"
+
+
+def load_datasets(script_args, dataset_args):
+    """(train, eval-or-None) from `datasets:` mixtures or `dataset_name` (a Hub id or a local path)."""
+    from datasets import load_dataset
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    else:
+        raise ConfigError("No dataset: set `dataset_name` (a Hub id or a local path) or a `datasets:` list.")
+    if script_args.dataset_train_split not in dataset:
+        raise ConfigError(
+            f"Split {script_args.dataset_train_split!r} not found in {script_args.dataset_name!r}; it has "
+            f"{sorted(dataset)}. Set `dataset_train_split`."
+        )
+    return dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    from accelerate import PartialState
+    from trl import get_peft_config, get_quantization_config
+
+    from .trainer import GPOTrainer
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    if script_args.prepare_demo_assets:
+        from .demo import prepare_demo_assets
+
+        with PartialState().main_process_first():  # rank 0 writes, the others then read
+            prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
+
+    train_dataset, eval_dataset = load_datasets(script_args, dataset_args)
+    trainer = GPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    before = trainer.evaluate() if eval_dataset is not None and script_args.eval_before_training else None
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    after = trainer.evaluate() if eval_dataset is not None else None
+
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.accelerator.print(format_summary(trainer, before, after))
+    trainer.end()
+    return trainer, before, after
+
+
+def format_summary(trainer, before: dict | None, after: dict | None) -> str:
+    """A short before/after table of the held-out metrics and where the output went."""
+    args = trainer.args
+    lines = [
+        f"GPO run finished: loss {args.gpo_loss!r} ({trainer.gpo_loss.formula}), beta {args.beta:g}, "
+        f"effective beta {trainer.beta:g}, {trainer.state.global_step} steps, world size "
+        f"{trainer.accelerator.num_processes}."
+    ]
+    if after is not None:
+        rows = [("held-out loss", "eval_loss"), ("reward accuracy", "eval_rewards/accuracies"),
+                ("reward margin", "eval_rewards/margins"), ("gpo margin E[rho]", "eval_gpo/margin")]
+        lines.append(f"  {'':<20}{'before' if before else '':>10}{'after':>10}")
+        for label, key in rows:
+            first = f"{before[key]:>10.4f}" if before else ""
+            lines.append(f"  {label:<20}{first}{after[key]:>10.4f}")
+        lines.append("  (reward accuracy counts ties as wrong; chance is 0.5)")
+    lines.append(f"Model/adapter written to {args.output_dir}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None):
+    try:
+        parsed = parse_args(argv)
+    except ConfigError as err:
+        sys.exit(f"gpo-trl: configuration error:\n{err}")
+    main(*parsed)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny models built from a config and saved to a temp dir, and small preference datasets.
+
+Nothing is downloaded: HF_HUB_OFFLINE=1 is set before transformers/datasets are imported, and every model is a
+randomly initialised config saved with save_pretrained, then loaded back by path, like a Hub model.
+"""
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from gpo_trl.demo import make_demo_pairs, save_tiny_model  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).parent.parent
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def zen_rows() -> list[dict]:
+    """TRL's zen preference sample (standard format, explicit prompt), from shared/data/trl_zen."""
+    return read_jsonl(DATA / "zen" / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def demo_rows() -> dict[str, list[dict]]:
+    return make_demo_pairs(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, zen_rows, demo_rows):
+    """{architecture: path} of tiny llama / qwen2 / gpt2 models whose tokenizer covers zen + demo text."""
+    texts = [r[k] for r in zen_rows for k in ("prompt", "chosen", "rejected")]
+    texts += [r[k] for rows in demo_rows.values() for r in rows for k in ("prompt", "chosen", "rejected")]
+    root = tmp_path_factory.mktemp("models")
+    return {arch: save_tiny_model(root / arch, arch, texts, seed=0) for arch in ("llama", "qwen2", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def zen_dataset(zen_rows) -> Dataset:
+    return Dataset.from_list(zen_rows)
+
+
+@pytest.fixture(scope="session")
+def demo_datasets(demo_rows) -> dict[str, Dataset]:
+    return {name: Dataset.from_list(rows) for name, rows in demo_rows.items()}
+
+
+def cpu_args(**overrides) -> dict:
+    """Training arguments for fast deterministic float32 CPU runs."""
+    args = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], seed=0, save_strategy="no",
+                logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0, max_length=64,
+                learning_rate=1e-2, disable_tqdm=True)
+    args.update(overrides)
+    return args
+
+
+def logged_steps(trainer) -> list[dict]:
+    """The per-step training logs (those with a `loss`), in order."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
