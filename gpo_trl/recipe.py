@@ -11,9 +11,10 @@ import sys
 from dataclasses import dataclass, field
 
 import yaml
-from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import GPOConfig
+from .data import DataArguments, DataError
 
 
 @dataclass
@@ -39,7 +40,7 @@ class ConfigError(ValueError):
 
 def make_parser(prog: str | None = None) -> TrlParser:
     # allow_abbrev=False: argparse would otherwise silently read `--learning_rat` as `--learning_rate`.
-    return TrlParser((GPOScriptArguments, GPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog, allow_abbrev=False)
+    return TrlParser((GPOScriptArguments, GPOConfig, ModelConfig, DataArguments), prog=prog, allow_abbrev=False)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None):
         *parsed, yaml_unknown, cli_unknown = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-    except ValueError as err:  # GPOConfig / DPOConfig __post_init__ checks
+    except ValueError as err:  # GPOConfig / DPOConfig / DataArguments __post_init__ checks
         raise ConfigError(str(err)) from err
     known = sorted({action.dest for action in parser._actions})
     problems = [_unknown_key_message(key, "the YAML recipe", known) for key in yaml_unknown[::2]]
@@ -92,29 +93,12 @@ def _unknown_key_message(key: str, where: str, known: list[str]) -> str:
     return f"Unknown key {name!r} in {where}.{hint}"
 
 
-def load_datasets(script_args, dataset_args):
-    """(train, eval-or-None) from `datasets:` mixtures or `dataset_name` (a Hub id or a local path)."""
-    from datasets import load_dataset
-    from trl import get_dataset
-
-    if dataset_args.datasets:
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    else:
-        raise ConfigError("No dataset: set `dataset_name` (a Hub id or a local path) or a `datasets:` list.")
-    if script_args.dataset_train_split not in dataset:
-        raise ConfigError(
-            f"Split {script_args.dataset_train_split!r} not found in {script_args.dataset_name!r}; it has "
-            f"{sorted(dataset)}. Set `dataset_train_split`."
-        )
-    return dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
-
-
 def main(script_args, training_args, model_args, dataset_args):
     from accelerate import PartialState
+    from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
+    from .data import build_datasets, summarize
     from .trainer import GPOTrainer
 
     training_args.model_init_kwargs = {
@@ -128,12 +112,19 @@ def main(script_args, training_args, model_args, dataset_args):
         with PartialState().main_process_first():  # rank 0 writes, the others then read
             prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
 
-    train_dataset, eval_dataset = load_datasets(script_args, dataset_args)
+    # Tokenizer and data first: every row is checked before the (expensive) model is loaded.
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                              trust_remote_code=training_args.trust_remote_code)
+    with PartialState().main_process_first():
+        train_dataset, eval_dataset, reports = build_datasets(script_args, dataset_args, tokenizer,
+                                                              training_args.max_length, seed=training_args.seed)
+    PartialState().print(summarize(reports))
     trainer = GPOTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
+        processing_class=tokenizer,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
@@ -160,7 +151,7 @@ def format_summary(trainer, before: dict | None, after: dict | None) -> str:
     if after is not None:
         rows = [("held-out loss", "eval_loss"), ("reward accuracy", "eval_rewards/accuracies"),
                 ("reward margin", "eval_rewards/margins"), ("gpo margin E[rho]", "eval_gpo/margin")]
-        lines.append(f"  {'':<20}{'before' if before else '':>10}{'after':>10}")
+        lines.append(f"  {'':<20}" + (f"{'before':>10}" if before else "") + f"{'after':>10}")
         for label, key in rows:
             first = f"{before[key]:>10.4f}" if before else ""
             lines.append(f"  {label:<20}{first}{after[key]:>10.4f}")
@@ -172,9 +163,9 @@ def format_summary(trainer, before: dict | None, after: dict | None) -> str:
 def run(argv: list[str] | None = None):
     try:
         parsed = parse_args(argv)
-    except ConfigError as err:
-        sys.exit(f"gpo-trl: configuration error:\n{err}")
-    main(*parsed)
+        main(*parsed)
+    except (ConfigError, DataError) as err:
+        sys.exit(f"gpo-trl: {'data' if isinstance(err, DataError) else 'configuration'} error:\n{err}")
 
 
 if __name__ == "__main__":

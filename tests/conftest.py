@@ -28,7 +28,7 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def zen_rows() -> list[dict]:
     """TRL's zen preference sample (standard format, explicit prompt), from shared/data/trl_zen."""
-    return read_jsonl(DATA / "zen" / "train.jsonl")
+    return read_jsonl(DATA / "zen_standard_preference" / "train.jsonl")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,341 @@
+"""Preference data: load from the Hub, a directory or files; rename; mix; split; check every row before training.
+
+A source is one `load_dataset` call plus a `column_map`. Rows end up in TRL's preference formats, with an explicit
+prompt (implicit-prompt rows such as hh-rlhf get the shared prefix extracted, as TRL's `extract_prompt` does):
+
+    standard:        {"prompt": str, "chosen": str, "rejected": str}
+    conversational:  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+
+Every row is checked before any model is loaded. Structural problems (a missing column, a number where text should
+be, a malformed message) stop the run with the dataset, row and column named. Rows a user may rather skip (an empty
+completion, chosen identical to rejected, a prompt that fills `max_length`) are dropped and counted, or stop the run
+with `invalid_rows: error`; the counts are reported before training starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from datasets import Dataset, concatenate_datasets, load_dataset
+from trl.data_utils import extract_prompt
+
+logger = logging.getLogger(__name__)
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+ROLES = {"system", "user", "assistant", "tool"}
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset problem found before training: names the dataset, the row and the column."""
+
+
+@dataclass
+class PreferenceSource:
+    """One dataset of a mixture. Mirrors TRL's `DatasetConfig` keys, plus `revision`, `column_map` and `weight`.
+
+    path: Hub id, local directory, or a builder name (json, parquet, csv) with `data_files`; may be omitted when
+        `data_files` names the files (the builder follows the extension).
+    column_map: {source column: our column}, e.g. {question: prompt, response_j: chosen, response_k: rejected}.
+    fraction: use this share (0, 1] of the source's rows (the first ones, after a seeded shuffle).
+    weight: relative share of the mixture; weights are normalised and the mixture is capped so that no source is
+        oversampled (TRL's `fraction` semantics).
+    """
+
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | dict[str, str] | None = None
+    column_map: dict[str, str] | None = None
+    fraction: float | None = None
+    weight: float | None = None
+
+    def __post_init__(self):
+        if self.path is None and self.data_files is None:
+            raise DataError("A dataset source needs `path` (Hub id, directory or builder) or `data_files`.")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise DataError(f"`fraction` of {self.label} must be in (0, 1], got {self.fraction}.")
+        if self.weight is not None and not self.weight > 0:
+            raise DataError(f"`weight` of {self.label} must be > 0, got {self.weight}.")
+
+    @property
+    def label(self) -> str:
+        where = self.path or self.data_files
+        return f"{where}" + (f" ({self.name})" if self.name else "") + f" [{self.split}]"
+
+
+@dataclass
+class DataArguments:
+    """Recipe keys for the data (replacing TRL's `DatasetMixtureConfig`; `dataset_name` still works for one source)."""
+
+    datasets: list[PreferenceSource] = field(
+        default_factory=list,
+        metadata={"help": "Sources to mix, each a mapping of PreferenceSource keys: path, name, split, revision, "
+                  "data_dir, data_files, column_map, fraction, weight. Overrides `dataset_name`."},
+    )
+    test_split_size: float | None = field(
+        default=None,
+        metadata={"help": "Hold out this share (< 1) or number (>= 1) of training rows for evaluation, with a fixed "
+                  "seed, when the source has no test split."},
+    )
+    test_split_seed: int = field(default=0, metadata={"help": "Seed of the held-out split."})
+    invalid_rows: str = field(
+        default="drop",
+        metadata={"help": "Rows with an empty completion, chosen == rejected, or a prompt that fills max_length: "
+                  "'drop' (counted and reported before training) or 'error' (stop, naming the row).",
+                  "choices": ["drop", "error"]},
+    )
+
+    def __post_init__(self):
+        self.datasets = [make_source(s) if isinstance(s, dict) else s for s in self.datasets]
+
+
+def make_source(mapping: dict) -> PreferenceSource:
+    """A PreferenceSource from a YAML mapping; an unknown key is an error with a suggestion."""
+    known = [f.name for f in fields(PreferenceSource)]
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Known keys: {known}."
+            raise DataError(f"Unknown key {key!r} in a `datasets` entry ({mapping}).{hint}")
+    return PreferenceSource(**mapping)
+
+
+def load_source(source: PreferenceSource, seed: int = 0) -> Dataset:
+    """Load one source, apply its column map and fraction, and keep the preference columns in an explicit-prompt form."""
+    path = source.path or _builder_for(source.data_files)
+    dataset = load_dataset(path, name=source.name, split=source.split, revision=source.revision,
+                           data_dir=source.data_dir, data_files=source.data_files)
+    if source.column_map:
+        missing = sorted(set(source.column_map) - set(dataset.column_names))
+        if missing:
+            raise DataError(f"{source.label}: `column_map` renames {missing}, but the dataset has columns "
+                            f"{dataset.column_names}.")
+        dataset = dataset.rename_columns(source.column_map)
+    for column in ("chosen", "rejected"):
+        if column not in dataset.column_names:
+            raise DataError(
+                f"{source.label}: no {column!r} column (columns: {dataset.column_names}). Map yours with "
+                f"`column_map`, e.g. {{response_j: chosen, response_k: rejected}}."
+            )
+    dataset = dataset.select_columns([c for c in PREFERENCE_COLUMNS if c in dataset.column_names])
+    if _needs_extraction(dataset):  # per source, so that a mixture never pairs a prompt-less row with None
+        dataset = dataset.map(explicit_prompt, desc=f"Extracting prompts ({source.label})")
+    if source.fraction is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(max(1, round(source.fraction * len(dataset)))))
+    return dataset
+
+
+def build_datasets(script_args, data_args: DataArguments, tokenizer=None, max_length=None, seed: int = 0):
+    """(train, eval or None, reports): load and mix the sources, hold out a split if asked, check every row."""
+    if data_args.datasets:
+        sources = data_args.datasets
+        eval_dataset = None
+    elif script_args.dataset_name:
+        common = dict(path=script_args.dataset_name, name=script_args.dataset_config)
+        sources = [PreferenceSource(**common, split=script_args.dataset_train_split)]
+        eval_dataset = _load_optional_split(PreferenceSource(**common, split=script_args.dataset_test_split), seed)
+    else:
+        raise DataError("No dataset: set `dataset_name` (a Hub id or a local path) or a `datasets:` list.")
+    train_dataset = mix([load_source(s, seed) for s in sources], sources)
+    if data_args.test_split_size is not None:
+        size = data_args.test_split_size
+        split = train_dataset.train_test_split(test_size=int(size) if size >= 1 else size, seed=data_args.test_split_seed)
+        train_dataset, eval_dataset = split["train"], split["test"]
+    reports, checked = [], {}
+    base = (sources[0].path or str(sources[0].data_files)) if len(sources) == 1 else f"mixture of {len(sources)}"
+    for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+        if dataset is not None:
+            checked[name], report = check_dataset(dataset, f"{base} ({name})", tokenizer, max_length,
+                                                  data_args.invalid_rows)
+            reports.append(report)
+    return checked["train"], checked.get("eval"), reports
+
+
+def _load_optional_split(source: PreferenceSource, seed: int) -> Dataset | None:
+    try:
+        return load_source(source, seed)
+    except ValueError as err:  # datasets: 'Unknown split "test". Should be one of [...]'
+        if "Unknown split" in str(err) or "split" in str(err).lower() and "not found" in str(err).lower():
+            return None
+        raise
+
+
+def _builder_for(data_files) -> str:
+    first = data_files if isinstance(data_files, str) else next(iter(
+        data_files.values() if isinstance(data_files, dict) else data_files))
+    first = first[0] if isinstance(first, list) else first
+    suffixes = [s for s in Path(first).suffixes if s != ".gz"]
+    builder = _BUILDERS.get(suffixes[-1] if suffixes else "")
+    if builder is None:
+        raise DataError(f"Cannot tell the format of {first!r}: use .json, .jsonl, .parquet or .csv, or set `path`.")
+    return builder
+
+
+def mix(datasets: list[Dataset], sources: list[PreferenceSource]) -> Dataset:
+    """Concatenate sources; with weights, take round(w_i * N) rows of each, N as large as no source is oversampled."""
+    weights = [s.weight for s in sources]
+    if any(w is not None for w in weights):
+        if any(w is None for w in weights):
+            raise DataError("Set `weight` on every source of the mixture or on none of them.")
+        shares = [w / sum(weights) for w in weights]
+        total = min(len(d) / share for d, share in zip(datasets, shares))
+        datasets = [d.select(range(round(share * total))) for d, share in zip(datasets, shares)]
+    kinds = {_is_conversational(d[0]) for d in datasets if len(d)}
+    if len(kinds) > 1:
+        raise DataError("The mixture combines conversational (message lists) and standard (string) sources; "
+                        "convert them to one format first.")
+    return concatenate_datasets(datasets) if len(datasets) > 1 else datasets[0]
+
+
+def _is_conversational(row: dict) -> bool:
+    return isinstance(row.get("chosen"), list)
+
+
+# --- Row checks -------------------------------------------------------------------------------------------------
+
+SKIPPABLE = ("empty completion", "chosen identical to rejected", "prompt fills max_length")
+
+
+def explicit_prompt(row: dict) -> dict:
+    """Give an implicit-prompt row an explicit prompt: TRL's shared-prefix extraction. A string prompt next to
+    conversational completions (UltraFeedback) is a copy of the first turn, so it is re-extracted too."""
+    if row.get("prompt") is not None and _is_conversational(row) == isinstance(row["prompt"], list):
+        return row
+    if not _same_kind(row.get("chosen"), row.get("rejected")):
+        return row  # reported by check_row
+    return extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})
+
+
+def _same_kind(a, b) -> bool:
+    return (isinstance(a, str) and isinstance(b, str)) or (isinstance(a, list) and isinstance(b, list))
+
+
+def check_row(row: dict) -> tuple[str, str] | None:
+    """(column, problem) for the first problem in an explicit-prompt row, or None. Problems in SKIPPABLE may be
+    dropped; any other is structural."""
+    conversational = isinstance(row.get("chosen"), list)
+    for column in PREFERENCE_COLUMNS:
+        value = row.get(column)
+        if value is None:
+            return column, ("empty completion" if column != "prompt" else "missing prompt (None)")
+        if conversational:
+            problem = _message_problem(value, allow_empty=column != "prompt")
+        elif not isinstance(value, str):
+            problem = f"expected text, got {type(value).__name__} {value!r:.40}"
+        else:
+            problem = None
+        if problem:
+            return column, problem
+    for column in ("chosen", "rejected"):
+        if not _text_of(row[column]).strip():
+            return column, "empty completion"
+    if row["chosen"] == row["rejected"]:
+        return "chosen", "chosen identical to rejected"
+    return None
+
+
+def _message_problem(messages, allow_empty: bool) -> str | None:
+    if not isinstance(messages, list):
+        return f"expected a list of messages, got {type(messages).__name__}"
+    if not messages and not allow_empty:
+        return "empty message list"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            return f"message {i} is not a {{role, content}} mapping: {message!r:.60}"
+        if message["role"] not in ROLES:
+            return f"message {i} has role {message['role']!r}; expected one of {sorted(ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"message {i} content is {type(message['content']).__name__}, not text"
+    return None
+
+
+def _text_of(value) -> str:
+    return value if isinstance(value, str) else "".join(m["content"] for m in value)
+
+
+@dataclass
+class DataReport:
+    """What the checks found in one split: rows kept, and rows dropped per reason with example row indices."""
+
+    name: str
+    rows: int
+    dropped: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> int:
+        return self.rows - sum(len(v) for v in self.dropped.values())
+
+    def __str__(self) -> str:
+        if not self.dropped:
+            return f"{self.name}: {self.rows} rows, all valid."
+        parts = [f"{reason}: {len(rows)} (rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''})"
+                 for reason, rows in self.dropped.items()]
+        return f"{self.name}: {self.rows} rows, dropped {self.rows - self.kept}: " + "; ".join(parts)
+
+
+def check_dataset(dataset: Dataset, name: str, tokenizer=None, max_length: int | None = None,
+                  invalid_rows: str = "drop") -> tuple[Dataset, DataReport]:
+    """Check every row (see module docstring). Returns the kept rows and a report; raises DataError otherwise."""
+    if invalid_rows not in ("drop", "error"):
+        raise DataError(f"`invalid_rows` must be 'drop' or 'error', got {invalid_rows!r}.")
+    dataset = dataset.map(explicit_prompt, desc=f"Extracting prompts ({name})") if _needs_extraction(dataset) else dataset
+    problems = {}
+    for index, row in enumerate(dataset):
+        problem = check_row(row)
+        if problem is not None:
+            problems[index] = problem
+    if tokenizer is not None and max_length is not None:
+        for index in _prompts_filling(dataset, tokenizer, max_length, skip=problems):
+            problems[index] = ("prompt", "prompt fills max_length")
+
+    dropped = defaultdict(list)
+    for index, (column, problem) in sorted(problems.items()):
+        if problem not in SKIPPABLE or invalid_rows == "error":
+            hint = "" if problem not in SKIPPABLE else " (or set `invalid_rows: drop` to skip such rows)"
+            if problem == "prompt fills max_length":
+                hint = f" Raise `max_length` (now {max_length}) or set `invalid_rows: drop`."
+            raise DataError(f"{name}, row {index}, column {column!r}: {problem}.{hint}")
+        dropped[problem].append(index)
+    report = DataReport(name=name, rows=len(dataset), dropped=dict(dropped))
+    if problems:
+        keep = sorted(set(range(len(dataset))) - set(problems))
+        dataset = dataset.select(keep)
+    return dataset, report
+
+
+def _needs_extraction(dataset: Dataset) -> bool:
+    if "prompt" not in dataset.column_names:
+        return True
+    return len(dataset) > 0 and _is_conversational(dataset[0]) != isinstance(dataset[0]["prompt"], list)
+
+
+def _prompts_filling(dataset: Dataset, tokenizer, max_length: int, skip: dict) -> list[int]:
+    """Row indices whose prompt alone has >= max_length tokens (TRL would train on no completion token there)."""
+    full = []
+    for index, row in enumerate(dataset):
+        if index in skip:
+            continue
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        else:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) >= max_length:
+            full.append(index)
+    return full
+
+
+def summarize(reports: list[DataReport]) -> str:
+    return "Data check:\n" + "\n".join(f"  {r}" for r in reports)
+
+
+def count_reasons(reports: list[DataReport]) -> Counter:
+    return Counter({reason: len(rows) for r in reports for reason, rows in r.dropped.items()})
