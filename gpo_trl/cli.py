@@ -1,19 +1,24 @@
-"""The `gpo-trl` command: `train` (through `accelerate launch`, like `trl dpo`) and `losses`.
+"""The `gpo-trl` command.
 
     gpo-trl train --config recipe.yaml [--key value ...] [--accelerate_config NAME|PATH] [--num_processes N]
+    gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
+    gpo-trl push --output_dir DIR --hub_model_id ID [--private]
     gpo-trl losses
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from .data import DataError
+from .hub import PushError
 from .recipe import ConfigError, parse_args
 
 # Options meant for `accelerate launch`, not for the recipe. Everything else must be a recipe key.
-_LAUNCH_OPTIONS = {"--accelerate_config", "--num_processes", "--num_machines", "--machine_rank",
+_LAUNCH_OPTIONS = {"--accelerate_config", "--num_processes", "--num_machines", "--machine_rank", "--mixed_precision",
                    "--main_process_ip", "--main_process_port"}
 _ACCELERATE_CONFIGS = Path(__file__).parent / "accelerate_configs"
 
@@ -83,6 +88,40 @@ def train(argv: list[str]) -> int:
     return 0
 
 
+def evaluate(argv: list[str]) -> int:
+    from .recipe import evaluate_adapter
+
+    parser = argparse.ArgumentParser(prog="gpo-trl evaluate", add_help=False)
+    parser.add_argument("--adapter_path", required=True, help="a trained run's output_dir (adapter or full model)")
+    parser.add_argument("--metrics_file", help="where to write the metrics as JSON (default: <adapter_path>/"
+                        "eval_metrics.json)")
+    own, recipe_args = parser.parse_known_args(argv)
+    metrics = evaluate_adapter(own.adapter_path, *parse_args(recipe_args))
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    path = Path(own.metrics_file or Path(own.adapter_path) / "eval_metrics.json")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(path)  # atomic: never a half-written metrics file
+    print(f"Metrics written to {path}")
+    return 0
+
+
+def push(argv: list[str]) -> int:
+    from .hub import push_output_dir
+
+    parser = argparse.ArgumentParser(prog="gpo-trl push", description="Push a finished run's output_dir to the Hub.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--hub_model_id", required=True)
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision")
+    args = parser.parse_args(argv)
+    url = push_output_dir(args.output_dir, args.hub_model_id, private=args.private or None, revision=args.revision)
+    print(f"Pushed {args.output_dir} to {url}")
+    return 0
+
+
 def losses(argv: list[str]) -> int:
     from .losses import format_number, loss_table
 
@@ -98,10 +137,12 @@ def losses(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train, "losses": losses}
+    commands = {"train": train, "evaluate": evaluate, "push": push, "losses": losses}
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="gpo-trl", description="Generalized Preference Optimization on TRL.")
-        parser.add_argument("command", choices=sorted(commands), help="train: run a recipe; losses: list f(t)")
+        parser.add_argument("command", choices=sorted(commands),
+                            help="train: run a recipe; evaluate: score a trained adapter; push: upload a finished run; "
+                            "losses: list the GPO loss functions")
         parser.parse_args(argv[:1])
     command, rest = argv[0], argv[1:]
     if command == "train" and rest in ([], ["-h"], ["--help"]):
@@ -113,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return commands[command](rest)
-    except ConfigError as err:
-        print(f"gpo-trl: configuration error:\n{err}", file=sys.stderr)
+    except (ConfigError, DataError) as err:
+        print(f"gpo-trl: {type(err).__name__}:\n{err}", file=sys.stderr)
         return 2
+    except PushError as err:
+        print(f"gpo-trl: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import GPOConfig
 from .data import DataArguments, DataError
+from .hub import PushError
 
 
 @dataclass
@@ -128,16 +130,64 @@ def main(script_args, training_args, model_args, dataset_args):
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
+    trainer.dataset_names = dataset_names(script_args, dataset_args)
     before = trainer.evaluate() if eval_dataset is not None and script_args.eval_before_training else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     after = trainer.evaluate() if eval_dataset is not None else None
 
-    trainer.save_model(training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # _internal_call=True: save locally first, even with push_to_hub (Trainer.save_model would push right away,
+    # and a push that fails before its own save would leave nothing on disk).
+    trainer.save_model(training_args.output_dir, _internal_call=True)
+    trainer.create_model_card(dataset_name=", ".join(trainer.dataset_names))  # replaces PEFT's generic card
     trainer.accelerator.print(format_summary(trainer, before, after))
+    if training_args.push_to_hub:
+        push(trainer)
     trainer.end()
     return trainer, before, after
+
+
+def dataset_names(script_args, dataset_args) -> list[str]:
+    return [s.path or str(s.data_files) for s in dataset_args.datasets] or [script_args.dataset_name]
+
+
+def push(trainer):
+    """Push the saved run; a failure leaves output_dir intact and says how to retry (`gpo-trl push`)."""
+    from .hub import push_failure
+
+    try:
+        trainer.push_to_hub(dataset_name=", ".join(trainer.dataset_names or []) or None)
+    except Exception as err:
+        raise push_failure(trainer.args.output_dir, trainer.hub_model_id or trainer.args.hub_model_id, err) from err
+    trainer.accelerator.print(f"Pushed to the Hub: {trainer.hub_model_id}")
+
+
+def evaluate_adapter(adapter_path: str, script_args, training_args, model_args, dataset_args) -> dict:
+    """Held-out metrics of a trained adapter (or full model) against its base model as the reference."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import build_datasets, summarize
+    from .trainer import GPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_path)
+    _, eval_dataset, reports = build_datasets(script_args, dataset_args, tokenizer, training_args.max_length,
+                                              seed=training_args.seed)
+    if eval_dataset is None:
+        raise ConfigError(f"No evaluation split: {script_args.dataset_name!r} has no {script_args.dataset_test_split!r} "
+                          "split. Set `dataset_test_split` or `test_split_size`.")
+    print(summarize(reports))
+    if (Path(adapter_path) / "adapter_config.json").is_file():
+        model, ref_model = AutoPeftModelForCausalLM.from_pretrained(adapter_path), None
+    else:  # a full fine-tune: the reference is the base model named in the recipe
+        model = AutoModelForCausalLM.from_pretrained(adapter_path)
+        ref_model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+    trainer = GPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=eval_dataset,
+                         eval_dataset=eval_dataset, processing_class=tokenizer)
+    if ref_model is None and "ref" in trainer.model.peft_config:
+        # TRL copies a loaded adapter into a frozen "ref" adapter (to continue training it); an evaluation measures
+        # the adapter against the base model, which is what disabling all adapters gives.
+        trainer.model.delete_adapter("ref")
+    return trainer.evaluate()
 
 
 def format_summary(trainer, before: dict | None, after: dict | None) -> str:
@@ -146,7 +196,7 @@ def format_summary(trainer, before: dict | None, after: dict | None) -> str:
     lines = [
         f"GPO run finished: loss {args.gpo_loss!r} ({trainer.gpo_loss.formula}), beta {args.beta:g}, "
         f"effective beta {trainer.beta:g}, {trainer.state.global_step} steps, world size "
-        f"{trainer.accelerator.num_processes}."
+        f"{trainer.accelerator.num_processes} ({trainer.accelerator.distributed_type.value})."
     ]
     if after is not None:
         rows = [("held-out loss", "eval_loss"), ("reward accuracy", "eval_rewards/accuracies"),
@@ -164,8 +214,8 @@ def run(argv: list[str] | None = None):
     try:
         parsed = parse_args(argv)
         main(*parsed)
-    except (ConfigError, DataError) as err:
-        sys.exit(f"gpo-trl: {'data' if isinstance(err, DataError) else 'configuration'} error:\n{err}")
+    except (ConfigError, DataError, PushError) as err:
+        sys.exit(f"gpo-trl: {type(err).__name__}:\n{err}")
 
 
 if __name__ == "__main__":

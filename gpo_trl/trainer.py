@@ -11,6 +11,7 @@ TRL's names, plus `gpo/*` diagnostics (see `_log_gpo_diagnostics`).
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import torch
@@ -51,6 +52,18 @@ class GPOTrainer(DPOTrainer):
         self.gpo_loss = args.build_loss()
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
         self.beta = args.effective_beta
+        self.dataset_names: list[str] | None = None  # recorded in the model card; the recipe sets it
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card, plus a GPO section: loss and formula, beta, hyperparameters, final metrics, loading snippet."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        from .hub import model_card_section
+
+        datasets = self.dataset_names or ([dataset_name] if isinstance(dataset_name, str) else dataset_name)
+        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
+            card.write(model_card_section(self, datasets))
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"

@@ -122,9 +122,10 @@ def test_invalid_gpo_value_in_yaml_is_a_config_error(tmp_path):
         parse_args(["--config", write_recipe(tmp_path, gpo_loss="expo")])
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in REPO.glob("configs/**/*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("configs/*.yaml"), *REPO.glob("configs/recipes/*.yaml")]))
 def test_every_recipe_in_the_tree_parses(recipe):
-    """Every YAML recipe shipped in configs/ loads with the strict parser (no unknown keys, valid values)."""
-    script, training, model, _ = parse_args(["--config", str(REPO / recipe)])
-    assert model.model_name_or_path and script.dataset_name
+    """Every YAML recipe shipped in configs/ loads with the strict parser (no unknown keys, valid values).
+    GPU recipes ask for bf16, which TrainingArguments refuses on a CPU-only machine unless use_cpu is set."""
+    script, training, model, data = parse_args(["--config", str(REPO / recipe), "--use_cpu", "true"])
+    assert model.model_name_or_path and (script.dataset_name or data.datasets)
     assert training.build_loss() is not None
