@@ -53,11 +53,32 @@ def accelerate_launch_args(launch: list[str]) -> list[str]:
         args.append("--multi_gpu")
     for name, value in options.items():
         args += [name, value]
+    if "--main_process_port" not in options and _single_machine(options, config):
+        # accelerate's fixed default port (29500) makes two local jobs collide: the second one's processes can join
+        # the first one's rendezvous and wait forever. A free port per launch avoids that.
+        args += ["--main_process_port", str(_free_port())]
     if config is None and not _has_default_accelerate_config():
         # Spell out accelerate's defaults so it does not warn about each one on every run.
         defaults = {"--num_processes": "1", "--num_machines": "1", "--mixed_precision": "no", "--dynamo_backend": "no"}
         args += [item for name, value in defaults.items() if name not in args for item in (name, value)]
     return args
+
+
+def _single_machine(options: dict, config: str | None) -> bool:
+    import yaml
+
+    settings = yaml.safe_load(resolve_accelerate_config(config).read_text()) if config else {}
+    if "main_process_port" in (settings or {}):
+        return False
+    return int(options.get("--num_machines", (settings or {}).get("num_machines", 1))) == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _has_default_accelerate_config() -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .auxiliary import BASELINES, WeightedReward, probe, resolve_reward
 from .losses import GPOLoss, available_losses, get_loss
 
 # DPOConfig knobs that only act inside TRL's own loss branches. GPOTrainer replaces those branches, so a non-default
@@ -41,6 +42,18 @@ class GPOConfig(DPOConfig):
         beta_calibration (`str`, *optional*):
             Name of a reference loss g. When set, f runs at `beta * c_g / c_f`, the beta that gives f the
             offline-regularisation strength g has at `beta` (c_f = f''(0) / 2|f'(0)|).
+
+        > Parameters that control the auxiliary (UPO-style) objective; see `gpo_trl.auxiliary`
+
+        aux_rewards (`list[dict]`, *optional*):
+            Designer rewards `{name, weight, kwargs}`: built-ins `length`, `readability`, `lexicon`, `regex`, or an
+            import path to `f(prompt, completion, **kwargs) -> float`. Scored once per row when the data is prepared.
+        aux_coef (`float`, *optional*, defaults to `0.0`):
+            alpha: weight of the auxiliary loss next to the GPO loss; 0 disables it.
+        aux_temperature (`float`, *optional*, defaults to `1.0`):
+            tau in the advantage weights softmax(A / tau); lower concentrates the weight on the best responses.
+        aux_baseline (`str`, *optional*, defaults to `"pair_mean"`):
+            V(x) in A = R - V: the mean reward over the pair, or `none`.
     """
 
     gpo_loss: str = field(
@@ -67,18 +80,36 @@ class GPOConfig(DPOConfig):
         },
     )
 
+    aux_rewards: list[dict] | str | None = field(
+        default=None,
+        metadata={"help": "Auxiliary designer rewards, a list of {name, weight, kwargs} (JSON on the command line): "
+                  "built-ins length, readability, lexicon, regex, or 'package.module:function'."},
+    )
+    aux_coef: float = field(
+        default=0.0, metadata={"help": "alpha: weight of the auxiliary objective next to the GPO loss; 0 disables it."}
+    )
+    aux_temperature: float = field(
+        default=1.0, metadata={"help": "tau of the advantage weights softmax(A / tau) over the batch; must be > 0."}
+    )
+    aux_baseline: str = field(
+        default="pair_mean",
+        metadata={"help": "Baseline V(x) of the advantage A = R - V: mean reward of the pair, or none.",
+                  "choices": list(BASELINES)},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._check_trl_loss_knobs()
         if not isinstance(self.beta, (int, float)) or not self.beta > 0:
             raise ValueError(f"`beta` must be a number > 0, got {self.beta!r}.")
         if isinstance(self.gpo_loss_kwargs, str):
-            self.gpo_loss_kwargs = _parse_json_mapping("gpo_loss_kwargs", self.gpo_loss_kwargs)
+            self.gpo_loss_kwargs = _parse_json("gpo_loss_kwargs", self.gpo_loss_kwargs, dict)
         if self.gpo_loss_kwargs is not None and not isinstance(self.gpo_loss_kwargs, dict):
             raise ValueError(f"`gpo_loss_kwargs` must be a mapping, got {type(self.gpo_loss_kwargs).__name__}.")
         loss = self.build_loss()  # validates the function now, before any model is loaded
         if self.beta_calibration is not None:
             self._check_calibration(loss)
+        self._check_auxiliary()
 
     def build_loss(self) -> GPOLoss:
         """The validated loss object for `gpo_loss` with `gpo_loss_kwargs` bound."""
@@ -90,6 +121,27 @@ class GPOConfig(DPOConfig):
         if self.beta_calibration is None:
             return float(self.beta)
         return float(self.beta) * get_loss(self.beta_calibration).c_f / self.build_loss().c_f
+
+    def build_aux_rewards(self) -> list[WeightedReward]:
+        """The auxiliary rewards, or [] when the objective is off (aux_coef == 0 or no rewards)."""
+        if not self.aux_coef or not self.aux_rewards:
+            return []
+        return [resolve_reward(spec) for spec in self.aux_rewards]
+
+    def _check_auxiliary(self):
+        if isinstance(self.aux_rewards, str):
+            self.aux_rewards = _parse_json("aux_rewards", self.aux_rewards, list)
+        if self.aux_rewards is not None and not isinstance(self.aux_rewards, list):
+            raise ValueError(f"`aux_rewards` must be a list of {{name, weight, kwargs}}, got {self.aux_rewards!r}.")
+        if not isinstance(self.aux_coef, (int, float)) or self.aux_coef < 0:
+            raise ValueError(f"`aux_coef` must be a number >= 0 (0 disables the objective), got {self.aux_coef!r}.")
+        if not isinstance(self.aux_temperature, (int, float)) or not self.aux_temperature > 0:
+            raise ValueError(f"`aux_temperature` must be > 0, got {self.aux_temperature!r}.")
+        if self.aux_baseline not in BASELINES:
+            raise ValueError(f"`aux_baseline` must be one of {list(BASELINES)}, got {self.aux_baseline!r}.")
+        if self.aux_coef and not self.aux_rewards:
+            raise ValueError(f"`aux_coef={self.aux_coef}` needs `aux_rewards` to optimise; add rewards or set 0.")
+        probe(self.build_aux_rewards())  # a reward that raises or returns a non-number fails here, not at step 500
 
     def _check_trl_loss_knobs(self):
         if self.loss_type != ["sigmoid"]:
@@ -118,11 +170,12 @@ class GPOConfig(DPOConfig):
                 )
 
 
-def _parse_json_mapping(name: str, text: str) -> dict:
+def _parse_json(name: str, text: str, kind: type):
+    what = "mapping such as '{\"margin\": 2.0}'" if kind is dict else "list such as '[{\"name\": \"length\"}]'"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"`{name}` must be a JSON mapping such as '{{\"margin\": 2.0}}', got {text!r}: {err}") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"`{name}` must be a JSON mapping, got {text!r}.")
+        raise ValueError(f"`{name}` must be a JSON {what}, got {text!r}: {err}") from err
+    if not isinstance(value, kind):
+        raise ValueError(f"`{name}` must be a JSON {what}, got {text!r}.")
     return value

@@ -96,9 +96,10 @@ _DISMISSIVE = [
 
 
 def _pair(rng: random.Random, topic: str) -> dict:
-    steps = rng.sample(_HELPFUL_STEPS, 2)
-    chosen = f" {rng.choice(_HELPFUL_OPENERS)} {steps[0]} {steps[1]} {rng.choice(_HELPFUL_CLOSERS)}"
-    rejected = " " + " ".join(rng.sample(_DISMISSIVE, 2))
+    # Lengths vary inside each side (1-4 steps, 1-3 retorts), so a length reward has something to choose between
+    steps = " ".join(rng.sample(_HELPFUL_STEPS, rng.randint(1, 4)))
+    chosen = f" {rng.choice(_HELPFUL_OPENERS)} {steps} {rng.choice(_HELPFUL_CLOSERS)}"
+    rejected = " " + " ".join(rng.sample(_DISMISSIVE, rng.randint(1, 3)))
     return {"prompt": f"User: How do I {topic}?\nAssistant:", "chosen": chosen, "rejected": rejected}
 
 

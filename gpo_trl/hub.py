@@ -11,7 +11,8 @@ from pathlib import Path
 
 _KEY_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                         "gradient_accumulation_steps", "max_length", "lr_scheduler_type", "warmup_steps", "seed",
-                        "precompute_ref_log_probs", "gpo_length_normalize", "beta_calibration")
+                        "precompute_ref_log_probs", "gpo_length_normalize", "beta_calibration", "aux_coef",
+                        "aux_rewards")
 
 
 class PushError(RuntimeError):

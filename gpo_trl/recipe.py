@@ -7,6 +7,7 @@ or directly: `accelerate launch scripts/train.py --config configs/demo.yaml`.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,12 @@ def main(script_args, training_args, model_args, dataset_args):
         "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and PartialState().num_processes == 1:
+        raise ConfigError(
+            f"{launched} processes were launched but each sees world size 1, so each would train alone and write "
+            f"the same output_dir. On a machine without GPUs set `use_cpu: true` (DDP over gloo)."
+        )
     if script_args.prepare_demo_assets:
         from .demo import prepare_demo_assets
 

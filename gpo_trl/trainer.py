@@ -16,10 +16,13 @@ import textwrap
 
 import torch
 from trl import DPOTrainer
+from trl.data_utils import maybe_extract_prompt
 
+from . import auxiliary
 from .config import GPOConfig
 
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+_AUX_COLUMNS = ("aux_reward_chosen", "aux_reward_rejected")
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_AUX_COLUMNS}
 
 
 class GPOTrainer(DPOTrainer):
@@ -48,7 +51,11 @@ class GPOTrainer(DPOTrainer):
             raise TypeError(f"GPOTrainer needs a GPOConfig, got {type(args).__name__}; GPOConfig takes the same fields.")
         if args is None:
             args = GPOConfig(output_dir="gpo-output")
+        # Needed by _prepare_dataset, which DPOTrainer.__init__ calls
+        self.aux_rewards = args.build_aux_rewards()
         super().__init__(model, ref_model, args, *pos, **kwargs)
+        if self.aux_rewards:
+            self.data_collator = auxiliary.RewardCollator(self.data_collator, _AUX_COLUMNS)
         self.gpo_loss = args.build_loss()
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
         self.beta = args.effective_beta
@@ -64,6 +71,17 @@ class GPOTrainer(DPOTrainer):
         datasets = self.dataset_names or ([dataset_name] if isinstance(dataset_name, str) else dataset_name)
         with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
             card.write(model_card_section(self, datasets))
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Score the auxiliary rewards once per row (cached by `datasets`), then TRL's own preparation."""
+        if self.aux_rewards and "aux_reward_chosen" not in dataset.column_names:
+            dataset = auxiliary.add_reward_columns(dataset.map(maybe_extract_prompt), self.aux_rewards, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.aux_rewards and "aux_reward_chosen" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, *_AUX_COLUMNS]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -84,7 +102,10 @@ class GPOTrainer(DPOTrainer):
         rho = self._margin(chosen_logratios, rejected_logratios, inputs["completion_mask"])
         scaled_margin = self.beta * rho
         loss = self.gpo_loss(scaled_margin).mean()
-        if self.aux_loss_enabled:
+        if self.aux_rewards:
+            mean_token_logps = logps / token_mask.sum(dim=1).clamp(min=1)  # (2B,) log pi(y|x) / |y|
+            loss = loss + self.args.aux_coef * self._auxiliary_loss(mode, mean_token_logps, inputs)
+        if self.aux_loss_enabled:  # MoE router load balancing (TRL's "aux_loss", unrelated to the UPO objective)
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
@@ -95,6 +116,21 @@ class GPOTrainer(DPOTrainer):
             with torch.no_grad():
                 outputs = model(**model_kwargs)
             return loss, outputs
+        return loss
+
+    def _auxiliary_loss(self, mode, mean_token_logps, inputs) -> torch.Tensor:
+        """UPO-style advantage-weighted likelihood of both responses (see gpo_trl.auxiliary), with its metrics."""
+        reward_chosen, reward_rejected = inputs["aux_reward_chosen"], inputs["aux_reward_rejected"]
+        weights, advantages = auxiliary.advantage_weights(reward_chosen, reward_rejected, self.args.aux_temperature,
+                                                          self.args.aux_baseline)
+        loss = auxiliary.aux_loss(mean_token_logps, weights)
+        metrics = self._metrics[mode]
+        metrics["aux/reward_chosen"].append(self._gather_mean(reward_chosen))
+        metrics["aux/reward_rejected"].append(self._gather_mean(reward_rejected))
+        metrics["aux/advantage_mean"].append(self._gather_mean(advantages))
+        metrics["aux/advantage_abs"].append(self._gather_mean(advantages.abs()))
+        metrics["aux/loss"].append(self._gather_mean(loss))
+        metrics["aux/ess"].append(self._gather_mean(auxiliary.effective_sample_size(weights)))
         return loss
 
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:

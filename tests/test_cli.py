@@ -100,3 +100,18 @@ def test_two_process_ddp_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 steps, world size 2" in result.stdout
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_launch_args_pick_a_free_port_and_imply_multi_gpu():
+    """Two local jobs must not share accelerate's default port 29500; a config or flag that sets one wins."""
+    from gpo_trl.cli import accelerate_launch_args, split_launch_args
+
+    launch, recipe = split_launch_args(["--config", "r.yaml", "--num_processes", "2", "--beta=0.2"])
+    assert recipe == ["--config", "r.yaml", "--beta=0.2"]
+    args = accelerate_launch_args(launch)
+    assert "--multi_gpu" in args and args[args.index("--num_processes") + 1] == "2"
+    port = int(args[args.index("--main_process_port") + 1])
+    assert port != 29500 and port > 0
+    assert accelerate_launch_args(["--main_process_port", "1234"]).count("--main_process_port") == 1
+    with_config = accelerate_launch_args(["--accelerate_config", "cpu_ddp"])
+    assert "--main_process_port" in with_config and "--multi_gpu" not in with_config

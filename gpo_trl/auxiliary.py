@@ -1,0 +1,229 @@
+"""UPO-style auxiliary objectives: designer rewards optimised offline next to the GPO loss.
+
+Our reading of Badrinath et al. (arXiv 2405.17956; shared/reference/upo.md), documented as such:
+
+    L        = L_GPO + alpha * L_aux
+    R(x, y)  = sum_i w_i r_i(x, y)                 designer rewards, computed once per row when the data is prepared
+    A(x, y)  = R(x, y) - V(x)                      V = mean of R over the pair (or 0 with aux_baseline: none)
+    omega    = softmax(A / tau) over the 2B responses of the batch, without gradient
+    L_aux    = - sum_batch omega(x, y) * log pi(y | x) / |y|
+
+Both responses of each pair enter L_aux: a weighted, length-normalised maximum likelihood on responses already in the
+data. No sampling, no importance weights, no clipping.
+
+A reward is `f(prompt: str, completion: str, **kwargs) -> float`, built in (length, readability, lexicon, regex)
+or named by import path "package.module:function".
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RewardFn = Callable[..., float]
+BASELINES = ("pair_mean", "none")
+PROBE_ROW = {"prompt": "How do I make tea?", "completion": "Boil water, add the leaves, wait three minutes."}
+
+# --- Built-in rewards ---------------------------------------------------------------------------------------------
+
+
+def length_reward(prompt: str, completion: str, unit: str = "words") -> float:
+    """Length of the completion in words or characters (give it a negative weight to prefer short answers)."""
+    if unit == "words":
+        return float(len(completion.split()))
+    if unit == "chars":
+        return float(len(completion))
+    raise ValueError(f"length reward: unit must be 'words' or 'chars', got {unit!r}")
+
+
+_VOWEL_GROUPS = re.compile(r"[aeiouy]+")
+_SENTENCE_END = re.compile(r"[.!?]+")
+
+
+def _syllables(word: str) -> int:
+    """Vowel groups, minus a silent final 'e': a standard approximation of English syllable counts."""
+    word = word.lower()
+    count = len(_VOWEL_GROUPS.findall(word))
+    if word.endswith("e") and not word.endswith(("le", "ee")) and count > 1:
+        count -= 1
+    return max(count, 1)
+
+
+def readability_reward(prompt: str, completion: str) -> float:
+    """Flesch reading ease: 206.835 - 1.015 words/sentence - 84.6 syllables/word (higher reads easier).
+
+    Syllables are counted with a vowel-group rule (no dictionary download), within a few points of textstat's
+    dictionary-based count on ordinary English. An empty completion scores 0.
+    """
+    words = re.findall(r"[A-Za-z]+", completion)
+    if not words:
+        return 0.0
+    sentences = max(len(_SENTENCE_END.findall(completion)), 1)
+    syllables = sum(_syllables(w) for w in words)
+    return 206.835 - 1.015 * len(words) / sentences - 84.6 * syllables / len(words)
+
+
+def lexicon_reward(prompt: str, completion: str, words: list[str] | None = None, file: str | None = None,
+                   per_word: bool = False) -> float:
+    """How many words of the completion are in a lexicon (given inline or as a file, one word per line), e.g. a
+    profanity list (with a negative weight). `per_word: true` divides by the completion's word count."""
+    lexicon = _load_lexicon(tuple(words or ()), file)
+    tokens = re.findall(r"[\w']+", completion.lower())
+    hits = sum(token in lexicon for token in tokens)
+    return hits / max(len(tokens), 1) if per_word else float(hits)
+
+
+_LEXICONS: dict = {}
+
+
+def _load_lexicon(words: tuple, file: str | None) -> frozenset:
+    key = (words, file)
+    if key not in _LEXICONS:
+        entries = list(words)
+        if file is not None:
+            entries += [line.strip() for line in Path(file).read_text().splitlines() if line.strip()]
+        if not entries:
+            raise ValueError("lexicon reward: give `words` (a list) or `file` (one word per line)")
+        _LEXICONS[key] = frozenset(e.lower() for e in entries)
+    return _LEXICONS[key]
+
+
+def regex_reward(prompt: str, completion: str, pattern: str = "", count: bool = False) -> float:
+    """1.0 if `pattern` matches the completion (or, with `count: true`, the number of matches)."""
+    if not pattern:
+        raise ValueError("regex reward: give a non-empty `pattern`")
+    if count:
+        return float(len(re.findall(pattern, completion)))
+    return 1.0 if re.search(pattern, completion) else 0.0
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "length": length_reward,
+    "readability": readability_reward,
+    "lexicon": lexicon_reward,
+    "regex": regex_reward,
+}
+
+# --- Building and checking the weighted reward --------------------------------------------------------------------
+
+
+class RewardError(ValueError):
+    """A reward function that cannot be used: it raised, or returned a non-number, NaN or inf."""
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    name: str
+    fn: RewardFn = field(repr=False)
+    weight: float
+    kwargs: dict
+
+    def __call__(self, prompt: str, completion: str) -> float:
+        return self.fn(prompt, completion, **self.kwargs)
+
+
+def resolve_reward(spec: dict) -> WeightedReward:
+    """A WeightedReward from `{name, weight, kwargs}`; `name` is a built-in or "package.module:function"."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise RewardError(f"Each `aux_rewards` entry needs a `name`; got {spec!r}.")
+    unknown = set(spec) - {"name", "weight", "kwargs"}
+    if unknown:
+        raise RewardError(f"`aux_rewards` entry {spec['name']!r} has unknown keys {sorted(unknown)}; "
+                          "use name, weight, kwargs.")
+    name, weight, kwargs = spec["name"], spec.get("weight", 1.0), dict(spec.get("kwargs") or {})
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise RewardError(f"`weight` of reward {name!r} must be a finite number, got {weight!r}.")
+    if name in BUILTIN_REWARDS:
+        fn = BUILTIN_REWARDS[name]
+    elif ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise RewardError(f"Cannot load reward function {name!r}: {err}") from err
+    else:
+        raise RewardError(f"Unknown reward {name!r}. Built-ins: {sorted(BUILTIN_REWARDS)}; or give an import path "
+                          "'package.module:function' to f(prompt, completion, **kwargs) -> float.")
+    return WeightedReward(name=name, fn=fn, weight=float(weight), kwargs=kwargs)
+
+
+def score(reward: WeightedReward, prompt: str, completion: str, where: str) -> float:
+    """Call one reward and check its value; `where` names the row in the error."""
+    try:
+        value = reward(prompt, completion)
+    except Exception as err:
+        raise RewardError(f"Reward {reward.name!r} raised {type(err).__name__} on {where}: {err}") from err
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RewardError(f"Reward {reward.name!r} returned {type(value).__name__} {value!r:.40} on {where}; "
+                          "it must return a float.")
+    if not math.isfinite(value):
+        raise RewardError(f"Reward {reward.name!r} returned {value} on {where}; rewards must be finite.")
+    return float(value)
+
+
+def probe(rewards: list[WeightedReward]):
+    """Run every reward on a fixed probe row, so that a broken function fails when the config is built."""
+    for reward in rewards:
+        score(reward, PROBE_ROW["prompt"], PROBE_ROW["completion"], f"the probe row {PROBE_ROW}")
+
+
+def as_text(value) -> str:
+    """A completion or prompt as text: strings as they are, message lists as their contents joined by newlines."""
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
+def add_reward_columns(dataset, rewards: list[WeightedReward], name: str):
+    """Add `aux_reward_chosen` / `aux_reward_rejected` = sum_i w_i r_i, once per row, through `dataset.map` (cached
+    by the datasets library under the rewards' fingerprint)."""
+
+    def score_row(row, index):
+        prompt = as_text(row["prompt"]) if row.get("prompt") is not None else ""
+        return {f"aux_reward_{side}": sum(
+            r.weight * score(r, prompt, as_text(row[side]), f"{name} row {index}, column {side!r}") for r in rewards)
+            for side in ("chosen", "rejected")}
+
+    return dataset.map(score_row, with_indices=True, desc=f"Scoring auxiliary rewards ({name})")
+
+
+# --- The objective --------------------------------------------------------------------------------------------------
+
+
+def advantage_weights(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, temperature: float,
+                      baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(omega, advantages) for the 2B responses [chosen; rejected]: omega = softmax(A / tau) over the batch."""
+    rewards = torch.cat([reward_chosen, reward_rejected]).float()  # (2B,)
+    if baseline == "pair_mean":
+        pair_mean = (reward_chosen + reward_rejected).float() / 2
+        advantages = rewards - torch.cat([pair_mean, pair_mean])
+    else:
+        advantages = rewards
+    return torch.softmax(advantages / temperature, dim=0), advantages
+
+
+def aux_loss(mean_token_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """- sum omega * log pi(y|x) / |y| over the batch; the weights carry no gradient."""
+    return -(weights.detach() * mean_token_logps).sum()
+
+
+class RewardCollator:
+    """Wraps TRL's preference collator to pass the per-row reward columns through as float tensors (B,)."""
+
+    def __init__(self, collator, columns: tuple[str, ...]):
+        self.collator, self.columns = collator, columns
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator(examples)
+        for column in self.columns:
+            batch[column] = torch.tensor([example[column] for example in examples], dtype=torch.float32)
+        return batch
+
+
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / sum w^2: 2B for uniform weights, 1 when a single response takes all the weight."""
+    return weights.sum() ** 2 / (weights**2).sum()

@@ -1,0 +1,55 @@
+"""Real multi-process training on the CPU: `accelerate launch` starts 2 processes that train with DDP over gloo.
+Nothing is simulated. (FSDP2 and DeepSpeed need GPUs: with `use_cpu` accelerate falls back to DDP, measured.)"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_cli import DEMO, demo_paths, gpo_trl
+
+# Plain SGD at a constant rate, no clipping: the weights after a step are w - lr * grad, so equal weights mean
+# equal gradients.
+SGD = ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+       "--max_grad_norm", "0", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+       "--logging_steps", "1", "--eval_before_training", "false"]
+
+
+def train(tmp_path, out, *extra):
+    args = [*demo_paths(tmp_path)[:-1], str(tmp_path / out), *SGD, *extra]
+    result = gpo_trl("train", "--config", DEMO, *args, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    return result.stdout, [e for e in history if "loss" in e], load_file(tmp_path / out / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path):
+    """Per step, DDP averages the two ranks' gradients of their mean losses over b pairs: the gradient of the mean
+    over the same 2b pairs. Step 1 and 2 losses, gathered metrics and the adapter weights after 2 SGD steps agree."""
+    out_one, logs_one, weights_one = train(tmp_path, "one", "--per_device_train_batch_size", "8")
+    out_two, logs_two, weights_two = train(tmp_path, "two", "--per_device_train_batch_size", "4",
+                                           "--accelerate_config", "cpu_ddp")
+    assert "world size 1" in out_one and "world size 2 (MULTI_CPU)" in out_two
+    assert len(logs_one) == len(logs_two) == 2
+    for one, two in zip(logs_one, logs_two):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "gpo/margin", "gpo/offline_reg",
+                    "entropy", "num_tokens"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one["step"], key)
+    assert logs_two[1]["rewards/margins"] != 0  # the second step sees a trained adapter
+    assert weights_one.keys() == weights_two.keys()
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(t.abs().sum() > 0 for n, t in weights_two.items() if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_processes_that_do_not_form_a_group_are_refused(tmp_path):
+    """On a CPU-only machine without `use_cpu: true`, accelerate's processes each train alone (world size 1) and
+    would all write the same output_dir. The recipe stops them before any model is loaded."""
+    result = gpo_trl("train", "--config", DEMO, *demo_paths(tmp_path), "--use_cpu", "false", "--num_processes", "2",
+                     cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert "2 processes were launched but each sees world size 1" in result.stderr
+    assert not (tmp_path / "out").exists()
