@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,8 +107,29 @@ def train(argv: list[str]) -> int:
     parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
     launch_parser = launch_command_parser()
     accelerate_args = launch_parser.parse_args(accelerate_launch_args(launch) + ["-m", "gpo_trl.recipe"] + recipe_args)
-    launch_command(accelerate_args)
+    _forward_signals_to_children()
+    try:
+        launch_command(accelerate_args)
+    except subprocess.CalledProcessError as err:  # the recipe has already said why; keep its exit code
+        return err.returncode
+    except Exception as err:  # torchrun's ChildFailedError: the failing rank's traceback was printed above
+        if type(err).__name__ != "ChildFailedError":
+            raise
+        return 1
     return 0
+
+
+def _forward_signals_to_children():
+    """A SIGTERM/SIGINT sent to this launcher alone reaches the training process too, which then saves a checkpoint
+    and stops (gpo_trl.guards). The launcher itself keeps waiting for it, so its exit code is the recipe's."""
+    import psutil
+
+    def forward(signum, frame):
+        for child in psutil.Process().children():
+            child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
 
 
 def evaluate(argv: list[str]) -> int:

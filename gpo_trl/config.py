@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from .auxiliary import BASELINES, WeightedReward, probe, resolve_reward
+from .guards import NONFINITE_POLICIES
 from .losses import GPOLoss, available_losses, get_loss
 
 # DPOConfig knobs that only act inside TRL's own loss branches. GPOTrainer replaces those branches, so a non-default
@@ -54,6 +55,12 @@ class GPOConfig(DPOConfig):
             tau in the advantage weights softmax(A / tau); lower concentrates the weight on the best responses.
         aux_baseline (`str`, *optional*, defaults to `"pair_mean"`):
             V(x) in A = R - V: the mean reward over the pair, or `none`.
+
+        > Parameters that keep long runs safe; see `gpo_trl.guards`
+
+        on_nonfinite (`str`, *optional*, defaults to `"stop"`):
+            A NaN/inf loss or gradient: `stop` (error naming the step, before the update; checkpoints intact) or
+            `skip` (drop the batch, count it in `gpo/skipped_batches`).
     """
 
     gpo_loss: str = field(
@@ -97,10 +104,16 @@ class GPOConfig(DPOConfig):
                   "choices": list(BASELINES)},
     )
 
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={"help": "On a NaN/inf loss or gradient: stop before the update (error naming the step) or skip the "
+                  "batch (counted in gpo/skipped_batches).", "choices": list(NONFINITE_POLICIES)},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._check_trl_loss_knobs()
-        if not isinstance(self.beta, (int, float)) or not self.beta > 0:
+        if not isinstance(self.beta, (int, float)) or not self.beta > 0 or self.beta == float("inf"):
             raise ValueError(f"`beta` must be a number > 0, got {self.beta!r}.")
         if isinstance(self.gpo_loss_kwargs, str):
             self.gpo_loss_kwargs = _parse_json("gpo_loss_kwargs", self.gpo_loss_kwargs, dict)
@@ -110,6 +123,8 @@ class GPOConfig(DPOConfig):
         if self.beta_calibration is not None:
             self._check_calibration(loss)
         self._check_auxiliary()
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"`on_nonfinite` must be one of {list(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}.")
 
     def build_loss(self) -> GPOLoss:
         """The validated loss object for `gpo_loss` with `gpo_loss_kwargs` bound."""

@@ -304,6 +304,10 @@ def check_dataset(dataset: Dataset, name: str, tokenizer=None, max_length: int |
             raise DataError(f"{name}, row {index}, column {column!r}: {problem}.{hint}")
         dropped[problem].append(index)
     report = DataReport(name=name, rows=len(dataset), dropped=dict(dropped))
+    if report.kept == 0:
+        reasons = "; ".join(f"{reason}: {len(rows)}" for reason, rows in report.dropped.items())
+        raise DataError(f"{name}: no valid rows left after the checks ({reasons}). Fix the data or the settings "
+                        "named above (e.g. raise `max_length`).")
     if problems:
         keep = sorted(set(range(len(dataset))) - set(problems))
         dataset = dataset.select(keep)

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from accelerate import PartialState
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import GPOConfig
 from .data import DataArguments, DataError
+from .guards import NonFiniteError, last_complete_checkpoint
 from .hub import PushError
 
 
@@ -97,7 +99,6 @@ def _unknown_key_message(key: str, where: str, known: list[str]) -> str:
 
 
 def main(script_args, training_args, model_args, dataset_args):
-    from accelerate import PartialState
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
@@ -139,7 +140,9 @@ def main(script_args, training_args, model_args, dataset_args):
     )
     trainer.dataset_names = dataset_names(script_args, dataset_args)
     before = trainer.evaluate() if eval_dataset is not None and script_args.eval_before_training else None
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_point(training_args))
+    if trainer.preemption.signal is not None:
+        raise Interrupted(trainer)
     after = trainer.evaluate() if eval_dataset is not None else None
 
     # _internal_call=True: save locally first, even with push_to_hub (Trainer.save_model would push right away,
@@ -151,6 +154,28 @@ def main(script_args, training_args, model_args, dataset_args):
         push(trainer)
     trainer.end()
     return trainer, before, after
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped training after saving a checkpoint; the run is resumable, not finished."""
+
+    def __init__(self, trainer):
+        checkpoint = last_complete_checkpoint(trainer.args.output_dir)
+        super().__init__(
+            f"Training was interrupted by signal {trainer.preemption.signal} at step {trainer.state.global_step}; "
+            f"checkpoint saved: {checkpoint}. No final model was written. Resume with the same command plus "
+            f"`--resume_from_checkpoint last`."
+        )
+
+
+def resume_point(training_args) -> str | None:
+    """`last` means the newest complete checkpoint in output_dir (None: start fresh); any other value as given."""
+    value = training_args.resume_from_checkpoint
+    if value != "last":
+        return value
+    checkpoint = last_complete_checkpoint(training_args.output_dir)
+    PartialState().print(f"Resuming from {checkpoint}" if checkpoint else "No complete checkpoint yet: starting fresh.")
+    return checkpoint
 
 
 def dataset_names(script_args, dataset_args) -> list[str]:
@@ -221,8 +246,11 @@ def run(argv: list[str] | None = None):
     try:
         parsed = parse_args(argv)
         main(*parsed)
-    except (ConfigError, DataError, PushError) as err:
+    except (ConfigError, DataError, PushError, NonFiniteError) as err:
         sys.exit(f"gpo-trl: {type(err).__name__}:\n{err}")
+    except Interrupted as err:
+        print(f"gpo-trl: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from trl.data_utils import maybe_extract_prompt
 
 from . import auxiliary
 from .config import GPOConfig
+from .guards import NonFiniteError, PreemptionCallback, all_finite, nonfinite_message
 
 _AUX_COLUMNS = ("aux_reward_chosen", "aux_reward_rejected")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_AUX_COLUMNS}
@@ -56,6 +57,9 @@ class GPOTrainer(DPOTrainer):
         super().__init__(model, ref_model, args, *pos, **kwargs)
         if self.aux_rewards:
             self.data_collator = auxiliary.RewardCollator(self.data_collator, _AUX_COLUMNS)
+        self.preemption = PreemptionCallback(self.accelerator)
+        self.add_callback(self.preemption)
+        self._skipped_batches = 0
         self.gpo_loss = args.build_loss()
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
         self.beta = args.effective_beta
@@ -108,6 +112,8 @@ class GPOTrainer(DPOTrainer):
         if self.aux_loss_enabled:  # MoE router load balancing (TRL's "aux_loss", unrelated to the UPO objective)
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        if mode == "train" and not all_finite(self.accelerator, [loss.detach()]):
+            loss = self._nonfinite("loss")
 
         self._log_token_metrics(mode, outputs, inputs, token_mask)
         self._log_reward_metrics(mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps)
@@ -117,6 +123,25 @@ class GPOTrainer(DPOTrainer):
                 outputs = model(**model_kwargs)
             return loss, outputs
         return loss
+
+    def training_step(self, *args, **kwargs):
+        """TRL's step, then a check that no NaN/inf gradient is about to reach the optimizer."""
+        loss = super().training_step(*args, **kwargs)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # One norm per tensor (no tensor-sized temporaries): a norm is finite iff every element is
+        if grads and not all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))]):
+            self._nonfinite("gradients")
+            self.model.zero_grad(set_to_none=True)  # skip: with accumulation, the window's earlier batches go too
+        return loss
+
+    def _nonfinite(self, what: str) -> torch.Tensor:
+        """Stop with an error naming the step, or count a skipped batch and return a zero loss that still reaches
+        every trainable parameter (so DDP's gradient hooks fire on all ranks)."""
+        if self.args.on_nonfinite == "stop":
+            raise NonFiniteError(nonfinite_message(what, self.state.global_step + 1, self.args.output_dir))
+        self._skipped_batches += 1
+        self._metrics["train"]["gpo/skipped_batches"] = [self._skipped_batches]
+        return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
 
     def _auxiliary_loss(self, mode, mean_token_logps, inputs) -> torch.Tensor:
         """UPO-style advantage-weighted likelihood of both responses (see gpo_trl.auxiliary), with its metrics."""
