@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,15 +146,35 @@ def main(script_args, training_args, model_args, dataset_args):
         raise Interrupted(trainer)
     after = trainer.evaluate() if eval_dataset is not None else None
 
-    # _internal_call=True: save locally first, even with push_to_hub (Trainer.save_model would push right away,
-    # and a push that fails before its own save would leave nothing on disk).
-    trainer.save_model(training_args.output_dir, _internal_call=True)
+    save_final(trainer, training_args.output_dir)
     trainer.create_model_card(dataset_name=", ".join(trainer.dataset_names))  # replaces PEFT's generic card
     trainer.accelerator.print(format_summary(trainer, before, after))
     if training_args.push_to_hub:
         push(trainer)
     trainer.end()
     return trainer, before, after
+
+
+def save_final(trainer, output_dir: str):
+    """Save the model or adapter into a staging folder, then move each file into output_dir with an atomic rename:
+    a crash or a full disk mid-save leaves the previous files whole (never a half-written adapter).
+
+    `_internal_call=True`: Trainer.save_model would otherwise push to the Hub right away, before the card is written
+    and outside our retry handling.
+    """
+    staging = Path(output_dir) / ".gpo-saving"
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of an earlier crash
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging), _internal_call=True)
+    if trainer.accelerator.is_main_process:
+        for item in sorted(staging.iterdir()):
+            target = Path(output_dir) / item.name
+            if item.is_dir() and target.exists():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staging.rmdir()
+    trainer.accelerator.wait_for_everyone()
 
 
 class Interrupted(RuntimeError):
@@ -169,9 +190,9 @@ class Interrupted(RuntimeError):
 
 
 def resume_point(training_args) -> str | None:
-    """`last` means the newest complete checkpoint in output_dir (None: start fresh); any other value as given."""
+    """`last` (or `true`) means the newest complete checkpoint in output_dir (None: start fresh); a path as given."""
     value = training_args.resume_from_checkpoint
-    if value != "last":
+    if str(value).lower() not in ("last", "true"):
         return value
     checkpoint = last_complete_checkpoint(training_args.output_dir)
     PartialState().print(f"Resuming from {checkpoint}" if checkpoint else "No complete checkpoint yet: starting fresh.")

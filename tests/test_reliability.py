@@ -291,3 +291,28 @@ def test_sigkill_then_resume_reaches_the_same_adapter(uninterrupted, tmp_path):
     out = finish(start(tmp_path, "run", "--resume_from_checkpoint", "last"))
     assert "Resuming from" in out and "checkpoint-20" in out
     assert_same_adapter(adapter(tmp_path, "run"), expected)
+
+
+def test_full_disk_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    """A second run into the same output_dir hits ENOSPC while writing its adapter: the error surfaces, and the
+    first run's adapter is still there, byte for byte (the new files were being written under a staging name)."""
+    import errno
+
+    import peft.peft_model
+
+    from gpo_trl.recipe import main as recipe_main
+
+    args = ["--config", DEMO, "--model_name_or_path", str(tmp_path / "m"), "--dataset_name", str(tmp_path / "d"),
+            "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--eval_before_training", "false"]
+    recipe_main(*parse_args(args))
+    before = (tmp_path / "o" / "adapter_model.safetensors").read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)  # a partial write, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)  # where PEFT writes adapter_model.safetensors
+    with pytest.raises(OSError, match="No space left"):
+        recipe_main(*parse_args(args + ["--learning_rate", "0.1"]))
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == before
