@@ -104,6 +104,12 @@ class GPOConfig(DPOConfig):
                   "choices": list(BASELINES)},
     )
 
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where precomputed reference log-probs are kept for reuse across runs (keyed by the "
+                  "tokenised data, the reference weights and the truncation settings). Default: the datasets cache "
+                  "dir/gpo_trl_ref_logps."},
+    )
     on_nonfinite: str = field(
         default="stop",
         metadata={"help": "On a NaN/inf loss or gradient: stop before the update (error naming the step) or skip the "

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 import textwrap
+from pathlib import Path
 
 import torch
+from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 from trl.data_utils import maybe_extract_prompt
 
-from . import auxiliary
+from . import auxiliary, refcache
 from .config import GPOConfig
 from .guards import NonFiniteError, PreemptionCallback, all_finite, nonfinite_message
 
@@ -52,8 +54,9 @@ class GPOTrainer(DPOTrainer):
             raise TypeError(f"GPOTrainer needs a GPOConfig, got {type(args).__name__}; GPOConfig takes the same fields.")
         if args is None:
             args = GPOConfig(output_dir="gpo-output")
-        # Needed by _prepare_dataset, which DPOTrainer.__init__ calls
+        # Needed by _prepare_dataset and _precompute_ref_logps, which DPOTrainer.__init__ calls
         self.aux_rewards = args.build_aux_rewards()
+        self._ref_cache_dir = Path(args.ref_logps_cache_dir) if args.ref_logps_cache_dir else refcache.default_cache_dir()
         super().__init__(model, ref_model, args, *pos, **kwargs)
         if self.aux_rewards:
             self.data_collator = auxiliary.RewardCollator(self.data_collator, _AUX_COLUMNS)
@@ -81,6 +84,22 @@ class GPOTrainer(DPOTrainer):
         if self.aux_rewards and "aux_reward_chosen" not in dataset.column_names:
             dataset = auxiliary.add_reward_columns(dataset.map(maybe_extract_prompt), self.aux_rewards, dataset_name)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precompute, behind a cache keyed by what the values depend on (see gpo_trl.refcache): a run that
+        differs only in beta, the loss or the learning rate reuses the reference pass instead of redoing it."""
+        if not isinstance(dataset, Dataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        path = self._ref_cache_dir / f"{refcache.cache_key(dataset, self._precompute_model_hash, self.args)}.arrow"
+        cached = refcache.load(path, len(dataset))
+        if cached is not None:
+            self.accelerator.print(f"Reference log-probs for {name}: reused {path}")
+            return concatenate_datasets([dataset.flatten_indices(), cached], axis=1)
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.is_main_process:
+            refcache.store(dataset, path)
+        self.accelerator.wait_for_everyone()
+        return dataset
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

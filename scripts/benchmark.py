@@ -167,19 +167,27 @@ def main(argv=None):
         texts = [row[k] for row in dataset for k in ("prompt", "chosen", "rejected")]
         model_path = build_model(Path(tmp) / "model", texts, args.seed)
         results, floors = [], {}
+        run("trl", None, model_path, dataset, args, False, False, Path(tmp) / "o")  # warm-up: allocator, caches
         for setting in args.settings:
             lora, precompute = "lora" in setting, "precompute" in setting
-            baseline, floors[setting] = run("trl", None, model_path, dataset, args, lora, precompute, Path(tmp) / "o")
-            baseline["setting"] = setting
-            results.append(baseline)
+            # TRL runs first and last in each setting (A B.. A): the ratios use the mean of the two, so drift in
+            # the machine's speed or the allocator's footprint over the setting does not favour either side.
+            first, floors[setting] = run("trl", None, model_path, dataset, args, lora, precompute, Path(tmp) / "o")
+            gpo_results = []
             for loss in args.losses:
                 result, _ = run("gpo", loss, model_path, dataset, args, lora, precompute, Path(tmp) / "o")
+                gpo_results.append(result)
+            last, _ = run("trl", None, model_path, dataset, args, lora, precompute, Path(tmp) / "o")
+            baseline = {key: (first[key] + last[key]) / 2 if isinstance(first[key], float) else first[key]
+                        for key in first}
+            for result in [baseline, *gpo_results]:
                 result["setting"] = setting
+            for result in gpo_results:
                 result["step_time_ratio"] = result["step_time_s"] / baseline["step_time_s"]
                 result["tokens_per_s_ratio"] = result["tokens_per_s"] / baseline["tokens_per_s"]
                 result["memory_ratio"] = result["peak_memory_mb"] / baseline["peak_memory_mb"]
                 result["vs_floor"] = result["step_time_s"] / floors[setting]["floor_step_time_s"]
-                results.append(result)
+            results += [baseline, *gpo_results]
     print_table(results, floors)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,72 @@
+"""Precomputed reference log-probs are an artifact: computed once per (tokenised data, reference weights,
+truncation, precision), reused by later runs that change anything else, recomputed when any of those change."""
+
+import pytest
+import torch
+from datasets import load_dataset
+from peft import LoraConfig
+
+from conftest import DATA, cpu_args, logged_steps
+from gpo_trl import GPOConfig, GPOTrainer
+
+
+@pytest.fixture
+def count_reference_passes(monkeypatch):
+    calls = []
+    original = GPOTrainer.compute_ref_log_probs
+
+    def counting(self, model, inputs):
+        calls.append(inputs["input_ids"].shape[0] // 2)
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(GPOTrainer, "compute_ref_log_probs", counting)
+    return calls
+
+
+def make(model, tmp_path, **kwargs):
+    dataset = load_dataset("json", data_files=str(DATA / "zen_standard_preference" / "train.jsonl"), split="train",
+                           cache_dir=str(tmp_path / "hf"))  # TRL's own cache lives there: fresh per test
+    args = GPOConfig(output_dir=str(tmp_path / "out"), precompute_ref_log_probs=True,
+                     ref_logps_cache_dir=str(tmp_path / "cache"), **cpu_args(**{"max_steps": 2, **kwargs}))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return GPOTrainer(model=str(model), args=args, train_dataset=dataset, peft_config=lora)
+
+
+def test_a_second_run_with_other_beta_loss_and_lr_does_no_reference_pass(tiny_models, tmp_path,
+                                                                          count_reference_passes):
+    first = make(tiny_models["llama"], tmp_path)
+    assert sum(count_reference_passes) == 17  # every pair once
+    first_values = first.train_dataset["ref_chosen_logps"]
+    count_reference_passes.clear()
+    # TRL's own cache misses here: its key includes the whole config
+    second = make(tiny_models["llama"], tmp_path, beta=0.3, learning_rate=3e-3, gpo_loss="hinge")
+    assert count_reference_passes == []
+    assert second.train_dataset["ref_chosen_logps"] == first_values
+    second.train()  # and training runs on the reused values
+    assert logged_steps(second)[0]["loss"] == pytest.approx(1.0)  # hinge at rho = 0
+
+
+@pytest.mark.parametrize("change", [dict(max_length=16), dict(bf16=True)], ids=["max_length", "precision"])
+def test_a_change_that_alters_the_values_recomputes(change, tiny_models, tmp_path, count_reference_passes):
+    make(tiny_models["llama"], tmp_path)
+    count_reference_passes.clear()
+    make(tiny_models["llama"], tmp_path, **change)
+    assert sum(count_reference_passes) > 0
+
+
+def test_other_reference_weights_recompute(tiny_models, tmp_path, count_reference_passes):
+    make(tiny_models["llama"], tmp_path)
+    count_reference_passes.clear()
+    make(tiny_models["qwen2"], tmp_path)
+    assert sum(count_reference_passes) == 17
+
+
+def test_a_stale_or_broken_cache_file_is_recomputed_not_trusted(tiny_models, tmp_path, count_reference_passes):
+    first = make(tiny_models["llama"], tmp_path)
+    expected = first.train_dataset["ref_chosen_logps"]
+    [cache_file] = list((tmp_path / "cache").glob("*.arrow"))
+    cache_file.write_bytes(b"not an arrow file")
+    count_reference_passes.clear()
+    again = make(tiny_models["llama"], tmp_path, beta=0.5)  # beta: so that TRL's own cache misses too
+    assert sum(count_reference_passes) == 17
+    torch.testing.assert_close(torch.tensor(again.train_dataset["ref_chosen_logps"]), torch.tensor(expected))
