@@ -3,6 +3,7 @@
     gpo-trl train --config recipe.yaml [--key value ...] [--accelerate_config NAME|PATH] [--num_processes N]
     gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
+    gpo-trl sweep --config sweep.yaml
     gpo-trl losses
 """
 
@@ -166,6 +167,20 @@ def push(argv: list[str]) -> int:
     return 0
 
 
+def sweep(argv: list[str]) -> int:
+    from .experiments.sweep import __doc__ as sweep_doc
+    from .experiments.sweep import load_sweep, run_sweep
+
+    parser = argparse.ArgumentParser(prog="gpo-trl sweep", description=sweep_doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the sweep file")
+    args = parser.parse_args(argv)
+    plan = load_sweep(args.config)  # every point is checked before the first one runs
+    rows = run_sweep(plan)
+    print(f"{len(rows)} points in {plan.output_dir / 'results.csv'}")
+    return 0
+
+
 def losses(argv: list[str]) -> int:
     from .losses import format_number, loss_table
 
@@ -181,12 +196,12 @@ def losses(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train, "evaluate": evaluate, "push": push, "losses": losses}
+    commands = {"train": train, "evaluate": evaluate, "push": push, "sweep": sweep, "losses": losses}
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="gpo-trl", description="Generalized Preference Optimization on TRL.")
         parser.add_argument("command", choices=sorted(commands),
                             help="train: run a recipe; evaluate: score a trained adapter; push: upload a finished run; "
-                            "losses: list the GPO loss functions")
+                            "sweep: a grid of runs; losses: list the GPO loss functions")
         parser.parse_args(argv[:1])
     command, rest = argv[0], argv[1:]
     if command == "train" and rest in ([], ["-h"], ["--help"]):

@@ -7,6 +7,7 @@ or directly: `accelerate launch scripts/train.py --config configs/demo.yaml`.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import shutil
 import sys
@@ -148,6 +149,7 @@ def main(script_args, training_args, model_args, dataset_args):
 
     save_final(trainer, training_args.output_dir)
     trainer.create_model_card(dataset_name=", ".join(trainer.dataset_names))  # replaces PEFT's generic card
+    write_run_record(trainer, before, after)
     trainer.accelerator.print(format_summary(trainer, before, after))
     if training_args.push_to_hub:
         push(trainer)
@@ -175,6 +177,26 @@ def save_final(trainer, output_dir: str):
             os.replace(item, target)
         staging.rmdir()
     trainer.accelerator.wait_for_everyone()
+
+
+def write_run_record(trainer, before: dict | None, after: dict | None):
+    """output_dir/gpo_run.json: the run's final metrics (last logged training values, then the held-out evaluation)
+    and its loss settings, for sweeps and scripts. Written atomically by the main process."""
+    if not trainer.accelerator.is_main_process:
+        return
+    from .hub import final_metrics
+
+    metrics = {k: v for entry in trainer.state.log_history for k, v in entry.items()
+               if isinstance(v, (int, float)) and not k.startswith("eval_")}
+    metrics.update(final_metrics(trainer.state.log_history))
+    metrics.update(after or {})
+    metrics.update({f"before_{k}": v for k, v in (before or {}).items()})
+    record = {"gpo_loss": trainer.args.gpo_loss, "beta": trainer.args.beta, "effective_beta": trainer.beta,
+              "steps": trainer.state.global_step, "metrics": metrics}
+    path = Path(trainer.args.output_dir) / "gpo_run.json"
+    tmp = path.with_name(".gpo_run.json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
 
 
 class Interrupted(RuntimeError):

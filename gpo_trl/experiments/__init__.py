@@ -1,0 +1,1 @@
+"""Experiments from config files: sweeps over recipe keys (`sweep.py`)."""
