@@ -83,7 +83,12 @@ class GPOTrainer(DPOTrainer):
         """Score the auxiliary rewards once per row (cached by `datasets`), then TRL's own preparation."""
         if self.aux_rewards and "aux_reward_chosen" not in dataset.column_names:
             dataset = auxiliary.add_reward_columns(dataset.map(maybe_extract_prompt), self.aux_rewards, dataset_name)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if args.train_sampling_strategy == "group_by_length" and args.length_column_name not in dataset.column_names:
+            # transformers' LengthGroupedSampler reads this column; a pair costs its longer sequence in a padded batch
+            dataset = dataset.map(lambda row: {args.length_column_name: len(row["prompt_ids"]) + max(
+                len(row["chosen_ids"]), len(row["rejected_ids"]))}, desc=f"Measuring {dataset_name} lengths")
+        return dataset
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's precompute, behind a cache keyed by what the values depend on (see gpo_trl.refcache): a run that
@@ -103,8 +108,9 @@ class GPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self.aux_rewards and "aux_reward_chosen" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, *_AUX_COLUMNS]
+        extra = [*(_AUX_COLUMNS if self.aux_rewards else ()),
+                 *([self.args.length_column_name] if self.args.train_sampling_strategy == "group_by_length" else [])]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"

@@ -141,3 +141,26 @@ def test_gpo_trainer_refuses_a_plain_dpo_config(tiny_models, zen_dataset, tmp_pa
     with pytest.raises(TypeError, match="needs a GPOConfig"):
         GPOTrainer(model=str(tiny_models["llama"]), args=DPOConfig(output_dir=str(tmp_path), use_cpu=True),
                    train_dataset=zen_dataset)
+
+
+def test_length_grouped_batching_reduces_padding(tiny_models, tmp_path):
+    """`train_sampling_strategy: group_by_length` (transformers' LengthGroupedSampler) on the real, variable-length
+    hh-rlhf sample: batches pad far less than random ones, and every pair is still used once per epoch."""
+    from datasets import load_dataset
+
+    from conftest import DATA
+    from gpo_trl.data import check_dataset
+
+    rows, _ = check_dataset(load_dataset("json", data_files=str(DATA / "hh_rlhf_harmless_base_head300.jsonl"),
+                                         split="train"), "hh")
+    padding, seen = {}, {}
+    for strategy in ("random", "group_by_length"):
+        args = GPOConfig(output_dir=str(tmp_path), train_sampling_strategy=strategy, **cpu_args(
+            per_device_train_batch_size=8, max_length=512))
+        trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=rows, peft_config=lora_config())
+        batches = list(trainer.get_train_dataloader())
+        padding[strategy] = sum(1 - b["attention_mask"].sum().item() / b["attention_mask"].numel()
+                                for b in batches) / len(batches)
+        seen[strategy] = (sum(b["input_ids"].shape[0] // 2 for b in batches), len(trainer.train_dataset))
+    assert seen["random"][0] == seen["group_by_length"][0] == seen["random"][1]
+    assert padding["group_by_length"] < 0.6 * padding["random"], padding
