@@ -214,7 +214,13 @@ class Interrupted(RuntimeError):
 def resume_point(training_args) -> str | None:
     """`last` (or `true`) means the newest complete checkpoint in output_dir (None: start fresh); a path as given."""
     value = training_args.resume_from_checkpoint
+    if value is None:
+        return None
     if str(value).lower() not in ("last", "true"):
+        if not (Path(value) / "trainer_state.json").is_file():
+            raise ConfigError(f"Checkpoint {value} is incomplete or missing (no trainer_state.json, which transformers "
+                              "writes last): a save was cut short. Use `--resume_from_checkpoint last` for the newest "
+                              "complete one.")
         return value
     checkpoint = last_complete_checkpoint(training_args.output_dir)
     PartialState().print(f"Resuming from {checkpoint}" if checkpoint else "No complete checkpoint yet: starting fresh.")

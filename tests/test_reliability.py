@@ -316,3 +316,17 @@ def test_full_disk_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         recipe_main(*parse_args(args + ["--learning_rate", "0.1"]))
     assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_an_explicit_incomplete_checkpoint_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from gpo_trl.recipe import resume_point
+
+    half = tmp_path / "checkpoint-30"
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match="checkpoint-30 is incomplete.*--resume_from_checkpoint last"):
+        resume_point(SimpleNamespace(resume_from_checkpoint=str(half), output_dir=str(tmp_path)))
+    assert resume_point(SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path))) is None
+    assert resume_point(SimpleNamespace(resume_from_checkpoint="last", output_dir=str(tmp_path))) is None
