@@ -6,6 +6,7 @@ randomly initialised config saved with save_pretrained, then loaded back by path
 
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,6 +54,12 @@ def zen_dataset(zen_rows) -> Dataset:
 @pytest.fixture(scope="session")
 def demo_datasets(demo_rows) -> dict[str, Dataset]:
     return {name: Dataset.from_list(rows) for name, rows in demo_rows.items()}
+
+
+def console_script(name: str) -> str:
+    """The installed console script next to this interpreter (a venv's or pyenv's bin), else the name on PATH."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
 
 
 def cpu_args(**overrides) -> dict:

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import console_script
+
 REPO = Path(__file__).parent.parent
 DEMO = str(REPO / "configs" / "demo.yaml")
 
 
-def gpo_trl(*args, cwd, timeout=300, launcher=("gpo-trl",)):
+def gpo_trl(*args, cwd, timeout=300, launcher=None):
+    launcher = launcher or (console_script("gpo-trl"),)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     return subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -67,7 +70,8 @@ def test_demo_learns_on_held_out_topics(tmp_path):
     and held-out reward accuracy clearly above chance (0.5)."""
     started = time.time()
     env_without_tqdm_disable = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    result = subprocess.run(["gpo-trl", "train", "--config", DEMO, *demo_paths(tmp_path)], cwd=tmp_path,
+    command = [console_script("gpo-trl"), "train", "--config", DEMO, *demo_paths(tmp_path)]
+    result = subprocess.run(command, cwd=tmp_path,
                             env={**env_without_tqdm_disable, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                             timeout=300)
     elapsed = time.time() - started
@@ -87,7 +91,8 @@ def test_demo_learns_on_held_out_topics(tmp_path):
 def test_entry_script_runs_directly_under_accelerate_launch(tmp_path):
     args = [str(REPO / "scripts" / "train.py"), "--config", DEMO, *demo_paths(tmp_path), "--max_steps", "2",
             "--gpo_loss", "savage", "--eval_before_training", "false"]
-    result = gpo_trl("launch", "--num_processes", "1", *args, cwd=tmp_path, launcher=("accelerate",))
+    accelerate = (console_script("accelerate"),)
+    result = gpo_trl("launch", "--num_processes", "1", *args, cwd=tmp_path, launcher=accelerate)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss 'savage'" in result.stdout and "2 steps, world size 1" in result.stdout
 

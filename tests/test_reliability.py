@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from conftest import REPO, cpu_args, logged_steps
+from conftest import REPO, console_script, cpu_args, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer, available_losses
 from gpo_trl.data import DataError, check_dataset, check_row
 from gpo_trl.guards import NonFiniteError, last_complete_checkpoint
@@ -216,8 +216,8 @@ LONG_RUN = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "10
 
 def start(tmp_path, out, *extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    args = ["gpo-trl", "train", "--config", DEMO, "--model_name_or_path", str(tmp_path / "m"), "--dataset_name",
-            str(tmp_path / "d"), "--output_dir", str(tmp_path / out), *LONG_RUN, *extra]
+    args = [console_script("gpo-trl"), "train", "--config", DEMO, "--model_name_or_path", str(tmp_path / "m"),
+            "--dataset_name", str(tmp_path / "d"), "--output_dir", str(tmp_path / out), *LONG_RUN, *extra]
     return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
