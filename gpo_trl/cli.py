@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .data import DataError
+from .guards import write_text_atomic
 from .hub import PushError
 from .recipe import ConfigError, parse_args
 
@@ -146,9 +147,7 @@ def evaluate(argv: list[str]) -> int:
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     path = Path(own.metrics_file or Path(own.adapter_path) / "eval_metrics.json")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(path)  # atomic: never a half-written metrics file
+    write_text_atomic(path, json.dumps(metrics, indent=2))  # never a half-written metrics file
     print(f"Metrics written to {path}")
     return 0
 

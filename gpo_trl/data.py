@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -340,6 +340,3 @@ def _prompts_filling(dataset: Dataset, tokenizer, max_length: int, skip: dict) -
 def summarize(reports: list[DataReport]) -> str:
     return "Data check:\n" + "\n".join(f"  {r}" for r in reports)
 
-
-def count_reasons(reports: list[DataReport]) -> Counter:
-    return Counter({reason: len(rows) for r in reports for reason, rows in r.dropped.items()})

@@ -16,6 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from .guards import write_text_atomic
+
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 # A minimal chat template so conversational datasets work with the tiny tokenizer too.
 CHAT_TEMPLATE = (
@@ -120,11 +122,8 @@ def prepare_demo_assets(model_dir: str | Path, data_dir: str | Path, architectur
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     splits = make_demo_pairs(seed=seed)
     if not (data_dir / "train.jsonl").exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        for name, rows in splits.items():
-            tmp = data_dir / f".{name}.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            tmp.replace(data_dir / f"{name}.jsonl")  # atomic: a half-written split is never read
+        for name, rows in splits.items():  # atomic: a half-written split is never read
+            write_text_atomic(data_dir / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     if not (model_dir / "config.json").exists():
         texts = [row[key] for rows in splits.values() for row in rows for key in ("prompt", "chosen", "rejected")]
         save_tiny_model(model_dir, architecture, texts, seed=seed)

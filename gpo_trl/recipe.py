@@ -20,7 +20,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import GPOConfig
 from .data import DataArguments, DataError
-from .guards import NonFiniteError, last_complete_checkpoint
+from .guards import NonFiniteError, last_complete_checkpoint, write_text_atomic
 from .hub import PushError
 
 
@@ -193,10 +193,7 @@ def write_run_record(trainer, before: dict | None, after: dict | None):
     metrics.update({f"before_{k}": v for k, v in (before or {}).items()})
     record = {"gpo_loss": trainer.args.gpo_loss, "beta": trainer.args.beta, "effective_beta": trainer.beta,
               "steps": trainer.state.global_step, "metrics": metrics}
-    path = Path(trainer.args.output_dir) / "gpo_run.json"
-    tmp = path.with_name(".gpo_run.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(Path(trainer.args.output_dir) / "gpo_run.json", json.dumps(record, indent=2))
 
 
 class Interrupted(RuntimeError):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from ..guards import write_text_atomic
 from ..recipe import ConfigError, parse_args
 
 _KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots"}
@@ -106,7 +107,7 @@ def run_sweep(sweep: Sweep) -> list[dict]:
         if subprocess.run(command).returncode != 0:
             raise RuntimeError(f"Sweep point {point_name(point)} failed (see its output above); finished points are "
                                f"kept, rerun `gpo-trl sweep` to resume.")
-        write_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
+        write_text_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
         write_tables(sweep)  # current after every point, so an interrupted sweep still has its table
     rows = write_tables(sweep)
     for plot in sweep.plots:
@@ -122,22 +123,14 @@ def collect(point: dict, point_dir: Path) -> dict:
 
 def write_tables(sweep: Sweep) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(sweep.output_dir.glob("*/result.json"))]
-    write_atomic(sweep.output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(sweep.output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(sweep.output_dir / "results.csv", buffer.getvalue())
+    write_text_atomic(sweep.output_dir / "results.csv", buffer.getvalue())
     return rows
-
-
-def write_atomic(path: Path, text: str):
-    """Write to a temporary name, then rename: a crash never leaves a half file that a resume would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def draw(rows: list[dict], sweep: Sweep, plot: dict) -> Path:
