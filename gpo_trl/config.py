@@ -156,8 +156,8 @@ class GPOConfig(DPOConfig):
             raise ValueError(f"`aux_rewards` must be a list of {{name, weight, kwargs}}, got {self.aux_rewards!r}.")
         if not isinstance(self.aux_coef, (int, float)) or self.aux_coef < 0:
             raise ValueError(f"`aux_coef` must be a number >= 0 (0 disables the objective), got {self.aux_coef!r}.")
-        if not isinstance(self.aux_temperature, (int, float)) or not self.aux_temperature > 0:
-            raise ValueError(f"`aux_temperature` must be > 0, got {self.aux_temperature!r}.")
+        if not isinstance(self.aux_temperature, (int, float)) or not 0 < self.aux_temperature < float("inf"):
+            raise ValueError(f"`aux_temperature` must be > 0 and finite, got {self.aux_temperature!r}.")
         if self.aux_baseline not in BASELINES:
             raise ValueError(f"`aux_baseline` must be one of {list(BASELINES)}, got {self.aux_baseline!r}.")
         if self.aux_coef and not self.aux_rewards:
