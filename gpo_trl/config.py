@@ -10,6 +10,7 @@ from trl import DPOConfig
 from .auxiliary import BASELINES, WeightedReward, probe, resolve_reward
 from .guards import NONFINITE_POLICIES
 from .losses import GPOLoss, available_losses, get_loss
+from .packing import PACKING_STRATEGIES
 
 # DPOConfig knobs that only act inside TRL's own loss branches. GPOTrainer replaces those branches, so a non-default
 # value would be silently ignored: refuse it instead, and say what to use.
@@ -55,6 +56,18 @@ class GPOConfig(DPOConfig):
             tau in the advantage weights softmax(A / tau); lower concentrates the weight on the best responses.
         aux_baseline (`str`, *optional*, defaults to `"pair_mean"`):
             V(x) in A = R - V: the mean reward over the pair, or `none`.
+
+        > Parameters that control the batch layout; see `gpo_trl.packing`
+
+        padding_free (`bool`, *optional*, defaults to `False`):
+            Pack the batch's sequences into rows without padding (position ids restart per sequence). TRL 1.16
+            disables this for DPO; GPOTrainer implements it. Exact: same loss and gradients as padded batches.
+        packing_strategy (`str`, *optional*, defaults to `"bfd"`):
+            With `padding_free`: `bfd` fills rows of at most `max_length` tokens by best-fit-decreasing, `one_row`
+            puts the whole batch in a single row (quadratic attention cost over the row on sdpa/eager).
+        prefix_sharing (`bool`, *optional*, defaults to `False`):
+            Run each pair as one sequence [prompt, chosen, rejected] with a mask that hides the chosen tokens from the
+            rejected ones, so the prompt is computed once. Needs sdpa or eager attention and `keep_start` truncation.
 
         > Parameters that keep long runs safe; see `gpo_trl.guards`
 
@@ -104,6 +117,21 @@ class GPOConfig(DPOConfig):
                   "choices": list(BASELINES)},
     )
 
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Pack the batch's sequences into rows without padding, position ids restarting per sequence "
+                  "(exact; TRL disables it for DPO, GPOTrainer implements it)."},
+    )
+    packing_strategy: str = field(
+        default="bfd",
+        metadata={"help": "With padding_free: 'bfd' packs rows of at most max_length tokens by best-fit-decreasing, "
+                  "'one_row' puts the whole batch in one row.", "choices": list(PACKING_STRATEGIES)},
+    )
+    prefix_sharing: bool = field(
+        default=False,
+        metadata={"help": "One sequence [prompt, chosen, rejected] per pair with a branch mask, so the prompt is "
+                  "computed once (exact; needs sdpa or eager attention)."},
+    )
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where precomputed reference log-probs are kept for reuse across runs (keyed by the "
@@ -129,6 +157,7 @@ class GPOConfig(DPOConfig):
         if self.beta_calibration is not None:
             self._check_calibration(loss)
         self._check_auxiliary()
+        self._check_batch_layout()
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {list(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}.")
 
@@ -163,6 +192,13 @@ class GPOConfig(DPOConfig):
         if self.aux_coef and not self.aux_rewards:
             raise ValueError(f"`aux_coef={self.aux_coef}` needs `aux_rewards` to optimise; add rewards or set 0.")
         probe(self.build_aux_rewards())  # a reward that raises or returns a non-number fails here, not at step 500
+
+    def _check_batch_layout(self):
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"`packing_strategy` must be one of {list(PACKING_STRATEGIES)}, got {self.packing_strategy!r}.")
+        if self.prefix_sharing and self.truncation_mode != "keep_start" and self.max_length is not None:
+            raise ValueError("`prefix_sharing` needs truncation_mode='keep_start' (TRL's default): 'keep_end' cuts the "
+                             "prompt of the chosen and the rejected sequence differently, so they no longer share it.")
 
     def _check_trl_loss_knobs(self):
         if self.loss_type != ["sigmoid"]:

@@ -11,16 +11,20 @@ TRL's names, plus `gpo/*` diagnostics (see `_log_gpo_diagnostics`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 from pathlib import Path
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 from trl.data_utils import maybe_extract_prompt
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
 
-from . import auxiliary, refcache
+from . import auxiliary, packing, refcache
 from .config import GPOConfig
 from .guards import NonFiniteError, PreemptionCallback, all_finite, nonfinite_message
 
@@ -57,7 +61,16 @@ class GPOTrainer(DPOTrainer):
         # Needed by _prepare_dataset and _precompute_ref_logps, which DPOTrainer.__init__ calls
         self.aux_rewards = args.build_aux_rewards()
         self._ref_cache_dir = Path(args.ref_logps_cache_dir) if args.ref_logps_cache_dir else refcache.default_cache_dir()
-        super().__init__(model, ref_model, args, *pos, **kwargs)
+        # TRL 1.16 turns `padding_free` off for DPO with a warning; GPO implements it (gpo_trl.packing)
+        padding_free, args.padding_free = args.padding_free, False
+        try:
+            super().__init__(model, ref_model, args, *pos, **kwargs)
+        finally:
+            args.padding_free = padding_free
+        self.padding_free = padding_free
+        self._padded_collator = self.data_collator  # TRL's; also used by the reference precompute
+        if args.padding_free or args.prefix_sharing:
+            self.data_collator = self._packed_collator(args)
         if self.aux_rewards:
             self.data_collator = auxiliary.RewardCollator(self.data_collator, _AUX_COLUMNS)
         self.preemption = PreemptionCallback(self.accelerator)
@@ -67,6 +80,25 @@ class GPOTrainer(DPOTrainer):
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
         self.beta = args.effective_beta
         self.dataset_names: list[str] | None = None  # recorded in the model card; the recipe sets it
+
+    def _packed_collator(self, args: GPOConfig) -> packing.PackedPreferenceCollator:
+        """Packed / prefix-shared batches, after checking the model can take them (see gpo_trl.packing)."""
+        mode = "prefix_sharing" if args.prefix_sharing else "padding_free"
+        if self._is_vision_dataset:
+            raise ValueError(f"`{mode}` supports text preference data only; this dataset has images. Set it to false.")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
+            raise ValueError(f"`{mode}` cannot be used with prompt-learning PEFT ({unwrapped.active_peft_config.peft_type}"
+                             "), whose virtual tokens would be shared across packed sequences. Use LoRA or set it to false.")
+        attention = unwrapped.config._attn_implementation
+        if args.prefix_sharing and attention not in ("sdpa", "eager"):
+            raise ValueError(f"`prefix_sharing` needs a custom 4D attention mask, which attn_implementation={attention!r} "
+                             "does not take. Load the model with attn_implementation 'sdpa' or 'eager', or use "
+                             "`padding_free` alone (it works with flash-attention).")
+        self._attn_implementation = attention
+        return packing.PackedPreferenceCollator(
+            self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
+            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card, plus a GPO section: loss and formula, beta, hyperparameters, final metrics, loading snippet."""
@@ -95,6 +127,8 @@ class GPOTrainer(DPOTrainer):
         differs only in beta, the loss or the learning rate reuses the reference pass instead of redoing it."""
         if not isinstance(dataset, Dataset):
             return super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.data_collator is not self._padded_collator:  # a later precompute (evaluate) with packing on
+            return self._with_padded_collator(self._precompute_ref_logps, dataset, name, batch_size)
         path = self._ref_cache_dir / f"{refcache.cache_key(dataset, self._precompute_model_hash, self.args)}.arrow"
         cached = refcache.load(path, len(dataset))
         if cached is not None:
@@ -106,6 +140,14 @@ class GPOTrainer(DPOTrainer):
         self.accelerator.wait_for_everyone()
         return dataset
 
+    def _with_padded_collator(self, function, *args):
+        """Run `function` with TRL's padded collator (TRL's precompute and reference helper expect its batches)."""
+        packed, self.data_collator = self.data_collator, self._padded_collator
+        try:
+            return function(*args)
+        finally:
+            self.data_collator = packed
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = [*(_AUX_COLUMNS if self.aux_rewards else ()),
@@ -114,11 +156,7 @@ class GPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+        outputs = self._forward(model, inputs, **({"output_router_logits": True} if self.aux_loss_enabled else {}))
 
         token_mask = inputs["completion_mask"][:, 1:]  # (2B, T-1): log_probs are for tokens 1..T-1
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
@@ -145,9 +183,31 @@ class GPOTrainer(DPOTrainer):
         self._log_gpo_diagnostics(mode, rho, scaled_margin)
         if return_outputs:  # deprecated in TRL too: the fused head builds no logits, so recompute them
             with torch.no_grad():
+                model_kwargs = self._model_kwargs(inputs)
+                model_kwargs.pop("labels")
                 outputs = model(**model_kwargs)
             return loss, outputs
         return loss
+
+    def _model_kwargs(self, inputs) -> dict:
+        """The model's inputs, with labels on the completion tokens only, for a padded or a packed batch."""
+        if not packing.is_packed(inputs):
+            kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            kwargs["labels"] = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            return kwargs
+        kwargs = {key: inputs[key] for key in ("input_ids", "position_ids", "labels")}
+        if "attention_mask" in inputs:  # prefix sharing: the branch mask
+            kwargs["attention_mask"] = packing.model_attention_mask(inputs["attention_mask"], self._attn_implementation)
+        return kwargs
+
+    def _forward(self, model, inputs, **kwargs):
+        """Fused-head forward; the per-token outputs of a packed batch come back in the padded (2B, T-1) layout."""
+        outputs = model(**self._model_kwargs(inputs), **kwargs, use_cache=False, fused_lm_head=True)
+        if packing.is_packed(inputs):
+            shape = inputs["completion_mask"][:, 1:].shape
+            for name in ("log_probs", "entropy", "mean_logits", "is_top1", "label_mask"):
+                setattr(outputs, name, packing.unpack(getattr(outputs, name), inputs["unpack_index"], shape))
+        return outputs
 
     def training_step(self, *args, **kwargs):
         """TRL's step, then a check that no NaN/inf gradient is about to reach the optimizer."""
@@ -186,8 +246,18 @@ class GPOTrainer(DPOTrainer):
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        # With PEFT and no ref_model, TRL's helper disables the adapter on `model` for this pass.
-        return self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
+        ref_model = self.ref_model if self.ref_model is not None else model
+        if not packing.is_packed(inputs):
+            # With PEFT and no ref_model, TRL's helper disables the adapter on `model` for this pass.
+            return self.compute_ref_log_probs(ref_model, inputs)
+        # The same contexts as TRL's compute_ref_log_probs, around the packed forward
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              adapter, self.accelerator.autocast()):
+            return self._forward(ref_model, inputs).log_probs.sum(dim=1).chunk(2)
 
     def _margin(self, chosen_logratios, rejected_logratios, completion_mask) -> torch.Tensor:
         """rho per pair: summed log-ratios, or per-token averages when `gpo_length_normalize` (TRL's IPO form)."""
@@ -213,8 +283,9 @@ class GPOTrainer(DPOTrainer):
         n_tokens = self._gather_sum(token_mask.sum())
         entropy_sum = self._gather_sum((outputs.entropy[:, -seq_len:] * token_mask).sum())
         metrics["entropy"].append((entropy_sum / n_tokens).item() if n_tokens > 0 else 0.0)
-        if mode == "train":
-            self._total_train_tokens += self._gather_sum(inputs["attention_mask"].sum()).item() // self._tp_size
+        if mode == "train":  # tokens of the sequences as TRL counts them, whatever the batch layout
+            lengths = inputs["sequence_lengths"] if packing.is_packed(inputs) else inputs["attention_mask"]
+            self._total_train_tokens += self._gather_sum(lengths.sum()).item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 
         chosen_mask, rejected_mask = token_mask.bool().chunk(2)
