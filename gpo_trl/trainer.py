@@ -61,6 +61,7 @@ class GPOTrainer(DPOTrainer):
         # Needed by _prepare_dataset and _precompute_ref_logps, which DPOTrainer.__init__ calls
         self.aux_rewards = args.build_aux_rewards()
         self._ref_cache_dir = Path(args.ref_logps_cache_dir) if args.ref_logps_cache_dir else refcache.default_cache_dir()
+        self._padded_collator = None  # set once TRL has built it; TRL's __init__ precomputes with its own
         # TRL 1.16 turns `padding_free` off for DPO with a warning; GPO implements it (gpo_trl.packing)
         padding_free, args.padding_free = args.padding_free, False
         try:
@@ -127,7 +128,7 @@ class GPOTrainer(DPOTrainer):
         differs only in beta, the loss or the learning rate reuses the reference pass instead of redoing it."""
         if not isinstance(dataset, Dataset):
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        if self.data_collator is not self._padded_collator:  # a later precompute (evaluate) with packing on
+        if self._padded_collator not in (None, self.data_collator):  # a later precompute (evaluate), packing on
             return self._with_padded_collator(self._precompute_ref_logps, dataset, name, batch_size)
         path = self._ref_cache_dir / f"{refcache.cache_key(dataset, self._precompute_model_hash, self.args)}.arrow"
         cached = refcache.load(path, len(dataset))
