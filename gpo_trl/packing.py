@@ -7,7 +7,8 @@ computed twice. Two layouts remove that work; they change how the tokens are lai
 * packed (`padding_free`): the sequences are concatenated into rows with position ids restarting at 0 for each one
   and no attention mask, so transformers keeps attention inside each sequence (sdpa/eager build the block-diagonal
   mask from the position ids; flash-attention uses varlen kernels). Rows are filled by best-fit-decreasing up to
-  `max_length` tokens (`packing_strategy: bfd`) or hold the whole batch (`one_row`).
+  `max_length` tokens, 2 x `max_length` for prefix-shared units (`packing_strategy: bfd`), or hold the whole batch
+  (`one_row`).
 * prefix-shared (`prefix_sharing`): each pair becomes one unit [prompt[:-1], prompt[-1], chosen, prompt[-1],
   rejected]. The last prompt token appears once per branch because its hidden state predicts the first completion
   token of *both* responses and a position holds one label. A 4D mask lets each branch see the shared prefix and

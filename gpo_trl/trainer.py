@@ -99,7 +99,9 @@ class GPOTrainer(DPOTrainer):
         self._attn_implementation = attention
         return packing.PackedPreferenceCollator(
             self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
-            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length)
+            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy,
+            # a prefix-shared unit holds two sequences of up to max_length tokens each, less the shared prompt
+            row_length=args.max_length and args.max_length * (2 if args.prefix_sharing else 1))
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card, plus a GPO section: loss and formula, beta, hyperparameters, final metrics, loading snippet."""

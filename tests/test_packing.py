@@ -144,3 +144,30 @@ def test_packed_prefix_shared_training_follows_the_padded_trajectory(tiny_models
         for key, value in expected.items():
             if key not in ("grad_norm",):
                 assert abs(got[key] - value) <= 1e-4 * max(1.0, abs(value)), f"step {step} {key}: {got[key]} vs {value}"
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_layout_with_ratios(tmp_path):
+    """scripts/benchmark.py end to end at toy size: every layout measured against TRL, JSON written."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--rows", "16", "--batch", "4",
+                    "--max_length", "256", "--steps", "1", "--warmup", "1", "--losses", "logistic", "squared",
+                    "--settings", "lora+precompute", "--json", str(out)], check=True, timeout=600,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    results = json.loads(out.read_text())["results"]
+    names = {(r["part"], r["name"]) for r in results}
+    assert {("losses", "GPO logistic"), ("losses", "GPO squared"), ("losses", "floor (policy fwd+bwd)")} <= names
+    assert {("layouts", f"GPO {layout}") for layout in ("padded", "packed", "prefix-shared",
+                                                         "packed+prefix-shared")} <= names
+    layouts = {r["name"]: r for r in results if r["part"] == "layouts"}
+    assert layouts["GPO packed"]["padding_fraction"] < layouts["TRL DPO padded"]["padding_fraction"]
+    for row in results:
+        assert row["step_time_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_memory_mb"] >= 0
+        assert 0 < row["step_time_ratio"] < 100 and 0 <= row["prompt_token_share" if row["part"] == "layouts"
+                                                                  else "padding_fraction"] < 1
