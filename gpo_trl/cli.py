@@ -4,6 +4,7 @@
     gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
     gpo-trl sweep --config sweep.yaml
+    gpo-trl study --config configs/studies/gold_reward.yaml --out docs/study
     gpo-trl losses
 """
 
@@ -180,6 +181,13 @@ def sweep(argv: list[str]) -> int:
     return 0
 
 
+def study(argv: list[str]) -> int:
+    from .experiments.study import main as study_main
+
+    study_main(argv)
+    return 0
+
+
 def losses(argv: list[str]) -> int:
     from .losses import format_number, loss_table
 
@@ -195,12 +203,14 @@ def losses(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train, "evaluate": evaluate, "push": push, "sweep": sweep, "losses": losses}
+    commands = {"train": train, "evaluate": evaluate, "push": push, "sweep": sweep, "study": study,
+                "losses": losses}
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="gpo-trl", description="Generalized Preference Optimization on TRL.")
         parser.add_argument("command", choices=sorted(commands),
                             help="train: run a recipe; evaluate: score a trained adapter; push: upload a finished run; "
-                            "sweep: a grid of runs; losses: list the GPO loss functions")
+                            "sweep: a grid of runs; study: the controlled gold-reward study; losses: list the GPO loss "
+                            "functions")
         parser.parse_args(argv[:1])
     command, rest = argv[0], argv[1:]
     if command == "train" and rest in ([], ["-h"], ["--help"]):
