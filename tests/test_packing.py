@@ -9,6 +9,7 @@ import pytest
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
+from transformers import BitsAndBytesConfig
 
 from conftest import DATA, cpu_args, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer, available_losses, get_loss
@@ -31,11 +32,12 @@ def hh_dataset():
     return rows
 
 
-def build(model_path, dataset, tmp_path, peft=True, **kwargs):
+def build(model_path, dataset, tmp_path, peft=True, quantization=None, **kwargs):
     args = GPOConfig(output_dir=str(tmp_path / "out"), **cpu_args(max_length=96, per_device_train_batch_size=BATCH,
                                                                    **kwargs))
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = GPOTrainer(model=str(model_path), args=args, train_dataset=dataset, peft_config=peft_config if peft else None)
+    trainer = GPOTrainer(model=str(model_path), args=args, train_dataset=dataset, peft_config=peft_config if peft else None,
+                         **({"quantization_config": quantization} if quantization else {}))
     generator = torch.Generator().manual_seed(1)
     for parameter in trainer.model.parameters():  # same random adapter in every trainer: policy != reference
         if parameter.requires_grad and peft:
@@ -91,6 +93,27 @@ def test_full_fine_tuning_with_a_separate_reference_model(tiny_models, hh_datase
     loss, grads, _ = loss_and_grads(shared, "logistic", rows)
     assert abs(loss - expected_loss) <= 1e-5
     assert max((grads[n] - g).abs().max().item() for n, g in expected_grads.items()) <= 1e-5
+
+
+def test_qlora_4bit_packed_prefix_shared_matches_padded(tiny_models, hh_dataset, tmp_path):
+    """bitsandbytes nf4 base (float32 compute) + LoRA, reference through the disabled adapter, precomputed or not.
+
+    Both layouts run on the same trainer: bitsandbytes repacks a 4-bit weight for its CPU kernel on the first forward
+    (the packed shape changes), after which its results move by ~1e-5, so two trainers would differ for that reason.
+    """
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    for precompute in (False, True):
+        trainer = build(tiny_models["llama"], hh_dataset, tmp_path, quantization=nf4,
+                        precompute_ref_log_probs=precompute, padding_free=True, prefix_sharing=True)
+        assert type(trainer.model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+        rows = [trainer.train_dataset[i] for i in range(BATCH)]
+        loss_and_grads(trainer, "savage", rows)  # first forward: bitsandbytes settles its weight layout
+        loss, grads, _ = loss_and_grads(trainer, "savage", rows)
+        shared_collator, trainer.data_collator = trainer.data_collator, trainer._padded_collator
+        expected_loss, expected_grads, _ = loss_and_grads(trainer, "savage", rows)
+        assert shared_collator is not trainer.data_collator and "unpack_index" in shared_collator(rows)
+        assert abs(loss - expected_loss) <= 1e-5, f"precompute={precompute}: {loss} vs {expected_loss}"
+        assert max((grads[n] - g).abs().max().item() for n, g in expected_grads.items()) <= 1e-5
 
 
 def test_packed_batches_remove_padding_and_share_prompts(tiny_models, hh_dataset, tmp_path):
