@@ -268,13 +268,19 @@ def evaluate_adapter(adapter_path: str, script_args, training_args, model_args, 
     return trainer.evaluate()
 
 
+def batch_layout(args) -> str:
+    layout = " + ".join(name for name, on in (("packed", args.padding_free), ("prefix-shared", args.prefix_sharing)) if on)
+    return layout or "padded"
+
+
 def format_summary(trainer, before: dict | None, after: dict | None) -> str:
     """A short before/after table of the held-out metrics and where the output went."""
     args = trainer.args
     lines = [
         f"GPO run finished: loss {args.gpo_loss!r} ({trainer.gpo_loss.formula}), beta {args.beta:g}, "
         f"effective beta {trainer.beta:g}, {trainer.state.global_step} steps, world size "
-        f"{trainer.accelerator.num_processes} ({trainer.accelerator.distributed_type.value})."
+        f"{trainer.accelerator.num_processes} ({trainer.accelerator.distributed_type.value}), "
+        f"{batch_layout(args)} batches."
     ]
     if after is not None:
         rows = [("held-out loss", "eval_loss"), ("reward accuracy", "eval_rewards/accuracies"),

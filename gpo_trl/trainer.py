@@ -91,6 +91,9 @@ class GPOTrainer(DPOTrainer):
         if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
             raise ValueError(f"`{mode}` cannot be used with prompt-learning PEFT ({unwrapped.active_peft_config.peft_type}"
                              "), whose virtual tokens would be shared across packed sequences. Use LoRA or set it to false.")
+        if self.compute_metrics is not None:  # TRL passes it logits, which would be laid out as packed rows here
+            raise ValueError(f"`{mode}` cannot be used with `compute_metrics` (deprecated in TRL too): its logits would "
+                             "come in the packed layout. Drop compute_metrics or set it to false.")
         attention = unwrapped.config._attn_implementation
         if args.prefix_sharing and attention not in ("sdpa", "eager"):
             raise ValueError(f"`prefix_sharing` needs a custom 4D attention mask, which attn_implementation={attention!r} "

@@ -25,13 +25,17 @@ def train(tmp_path, out, *extra):
 
 
 @pytest.mark.slow
-def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--padding_free", "true", "--prefix_sharing", "true"]],
+                         ids=["padded", "packed+prefix_shared"])
+def test_two_processes_with_batch_b_match_one_process_with_batch_2b(layout, tmp_path):
     """Per step, DDP averages the two ranks' gradients of their mean losses over b pairs: the gradient of the mean
-    over the same 2b pairs. Step 1 and 2 losses, gathered metrics and the adapter weights after 2 SGD steps agree."""
+    over the same 2b pairs. Step 1 and 2 losses, gathered metrics and the adapter weights after 2 SGD steps agree.
+    The 2-process run also takes its batches packed and prefix-shared: the single padded process is the reference."""
     out_one, logs_one, weights_one = train(tmp_path, "one", "--per_device_train_batch_size", "8")
     out_two, logs_two, weights_two = train(tmp_path, "two", "--per_device_train_batch_size", "4",
-                                           "--accelerate_config", "cpu_ddp")
+                                           "--accelerate_config", "cpu_ddp", *layout)
     assert "world size 1" in out_one and "world size 2 (MULTI_CPU)" in out_two
+    assert "padded batches" in out_one and ("packed + prefix-shared batches" if layout else "padded batches") in out_two
     assert len(logs_one) == len(logs_two) == 2
     for one, two in zip(logs_one, logs_two):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "gpo/margin", "gpo/offline_reg",
