@@ -218,6 +218,8 @@ class GPOTrainer(DPOTrainer):
     def training_step(self, *args, **kwargs):
         """TRL's step, then a check that no NaN/inf gradient is about to reach the optimizer."""
         loss = super().training_step(*args, **kwargs)
+        if not self.accelerator.sync_gradients:  # mid-accumulation: a NaN stays in the sum until the last micro-step
+            return loss
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # One norm per tensor (no tensor-sized temporaries): a norm is finite iff every element is
         if grads and not all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))]):

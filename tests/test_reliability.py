@@ -181,6 +181,17 @@ def test_nonfinite_stops_naming_the_step_and_keeps_the_checkpoint(loss, what, ti
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_nonfinite_gradient_under_accumulation_is_caught_before_the_update(tiny_models, zen_dataset, tmp_path):
+    """With 2 micro-batches per step the gradients are checked once, after the last one: a NaN that entered at the
+    first micro-batch of step 2 is still in the sum, so the run stops naming step 2 with finite weights."""
+    trainer = nan_trainer(tiny_models, zen_dataset, tmp_path, loss="poisoned_gradient", gradient_accumulation_steps=2)
+    POISON["calls"] = -2  # 4 calls per step: the poison starts at the first micro-batch of step 2
+    with pytest.raises(NonFiniteError, match="Non-finite gradients at training step 2"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 @pytest.mark.parametrize("loss", ["poisoned_loss", "poisoned_gradient"])
 def test_nonfinite_batches_can_be_skipped_and_counted(loss, tiny_models, zen_dataset, tmp_path):
     """With on_nonfinite: skip, steps 2-4 are dropped (zero update), counted cumulatively, and the weights stay as
