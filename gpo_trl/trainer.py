@@ -12,6 +12,7 @@ TRL's names, plus `gpo/*` diagnostics (see `_log_gpo_diagnostics`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import textwrap
 from pathlib import Path
@@ -61,6 +62,9 @@ class GPOTrainer(DPOTrainer):
         # Needed by _prepare_dataset and _precompute_ref_logps, which DPOTrainer.__init__ calls
         self.aux_rewards = args.build_aux_rewards()
         self._ref_cache_dir = Path(args.ref_logps_cache_dir) if args.ref_logps_cache_dir else refcache.default_cache_dir()
+        given = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *pos, **kwargs).arguments
+        self._check_batch_layout(model, args, given.get("train_dataset"), given.get("peft_config"),
+                                 given.get("compute_metrics"))
         self._padded_collator = None  # set once TRL has built it; TRL's __init__ precomputes with its own
         # TRL 1.16 turns `padding_free` off for DPO with a warning; GPO implements it (gpo_trl.packing)
         padding_free, args.padding_free = args.padding_free, False
@@ -83,28 +87,37 @@ class GPOTrainer(DPOTrainer):
         self.dataset_names: list[str] | None = None  # recorded in the model card; the recipe sets it
 
     def _packed_collator(self, args: GPOConfig) -> packing.PackedPreferenceCollator:
-        """Packed / prefix-shared batches, after checking the model can take them (see gpo_trl.packing)."""
-        mode = "prefix_sharing" if args.prefix_sharing else "padding_free"
-        if self._is_vision_dataset:
-            raise ValueError(f"`{mode}` supports text preference data only; this dataset has images. Set it to false.")
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
-            raise ValueError(f"`{mode}` cannot be used with prompt-learning PEFT ({unwrapped.active_peft_config.peft_type}"
-                             "), whose virtual tokens would be shared across packed sequences. Use LoRA or set it to false.")
-        if self.compute_metrics is not None:  # TRL passes it logits, which would be laid out as packed rows here
-            raise ValueError(f"`{mode}` cannot be used with `compute_metrics` (deprecated in TRL too): its logits would "
-                             "come in the packed layout. Drop compute_metrics or set it to false.")
-        attention = unwrapped.config._attn_implementation
-        if args.prefix_sharing and attention not in ("sdpa", "eager"):
-            raise ValueError(f"`prefix_sharing` needs a custom 4D attention mask, which attn_implementation={attention!r} "
-                             "does not take. Load the model with attn_implementation 'sdpa' or 'eager', or use "
-                             "`padding_free` alone (it works with flash-attention).")
-        self._attn_implementation = attention
+        """Packed / prefix-shared batches (see gpo_trl.packing); `_check_batch_layout` has vetted the setup."""
+        self._attn_implementation = self.accelerator.unwrap_model(self.model).config._attn_implementation
         return packing.PackedPreferenceCollator(
             self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
             prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy,
             # a prefix-shared unit holds two sequences of up to max_length tokens each, less the shared prompt
             row_length=args.max_length and args.max_length * (2 if args.prefix_sharing else 1))
+
+    @staticmethod
+    def _check_batch_layout(model, args: GPOConfig, train_dataset, peft_config, compute_metrics):
+        """Refuse setups packed or prefix-shared batches cannot serve, before the model is loaded."""
+        if not (args.padding_free or args.prefix_sharing):
+            return
+        mode = "prefix_sharing" if args.prefix_sharing else "padding_free"
+        first_row = next(iter(train_dataset)) if train_dataset is not None else {}
+        if isinstance(first_row, dict) and ("image" in first_row or "images" in first_row):
+            raise ValueError(f"`{mode}` supports text preference data only; this dataset has images. Set it to false.")
+        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+            raise ValueError(f"`{mode}` cannot be used with prompt-learning PEFT ({peft_config.peft_type}), whose "
+                             "virtual tokens would be shared across packed sequences. Use LoRA or set it to false.")
+        if compute_metrics is not None:  # TRL passes it logits, which would be laid out as packed rows here
+            raise ValueError(f"`{mode}` cannot be used with `compute_metrics` (deprecated in TRL too): its logits would "
+                             "come in the packed layout. Drop compute_metrics or set it to false.")
+        if isinstance(model, str):
+            attention = (args.model_init_kwargs or {}).get("attn_implementation") or "sdpa"  # transformers' default
+        else:
+            attention = model.config._attn_implementation
+        if args.prefix_sharing and attention not in ("sdpa", "eager"):
+            raise ValueError(f"`prefix_sharing` needs a custom 4D attention mask, which attn_implementation={attention!r} "
+                             "does not take. Load the model with attn_implementation 'sdpa' or 'eager', or use "
+                             "`padding_free` alone (it works with flash-attention).")
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card, plus a GPO section: loss and formula, beta, hyperparameters, final metrics, loading snippet."""

@@ -145,11 +145,32 @@ def test_best_fit_decreasing_bins():
     assert best_fit_decreasing([10, 3], capacity=8) == [[0], [1]]  # a longer item gets its own bin
 
 
+def test_unsupported_setups_are_refused_before_the_model_loads(hh_dataset, tmp_path):
+    from peft import PromptTuningConfig
+
+    missing = str(tmp_path / "no-such-model")  # loading it would fail: the layout check must come first
+    cases = [
+        (dict(prefix_sharing=True, model_init_kwargs={"attn_implementation": "flash_attention_2"}), {},
+         "prefix_sharing.*attn_implementation='flash_attention_2'.*sdpa"),
+        (dict(padding_free=True), dict(peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+         "padding_free.*prompt-learning PEFT"),
+        (dict(padding_free=True), dict(compute_metrics=lambda prediction: {}), "padding_free.*compute_metrics"),
+    ]
+    for config, extra, message in cases:
+        args = GPOConfig(output_dir=str(tmp_path), **cpu_args(**config))
+        with pytest.raises(ValueError, match=message):
+            GPOTrainer(model=missing, args=args, train_dataset=hh_dataset, **extra)
+    images = hh_dataset.add_column("images", [None] * len(hh_dataset))
+    with pytest.raises(ValueError, match="padding_free.*text preference data only"):
+        GPOTrainer(model=missing, args=GPOConfig(output_dir=str(tmp_path), **cpu_args(padding_free=True)),
+                   train_dataset=images)
+
+
 def test_prefix_sharing_refuses_keep_end_truncation(tmp_path):
     with pytest.raises(ValueError, match="prefix_sharing.*keep_start"):
-        GPOConfig(output_dir=str(tmp_path), prefix_sharing=True, truncation_mode="keep_end", max_length=64)
+        GPOConfig(output_dir=str(tmp_path), use_cpu=True, prefix_sharing=True, truncation_mode="keep_end", max_length=64)
     with pytest.raises(ValueError, match="packing_strategy.*bfd"):
-        GPOConfig(output_dir=str(tmp_path), padding_free=True, packing_strategy="wrapped")
+        GPOConfig(output_dir=str(tmp_path), use_cpu=True, padding_free=True, packing_strategy="wrapped")
 
 
 @pytest.mark.slow
