@@ -469,11 +469,36 @@ def write_outputs(rows: list[dict], summary: dict, config: StudyConfig, out: Pat
     writer.writerows(rows)
     write_text_atomic(out / "results.csv", buffer.getvalue())
     summary["best_beta"] = best_beta_table(rows, config)
+    summary["offline_reg_kl_spearman"] = offline_reg_kl_agreement(rows)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_text_atomic(out / "tables.md", markdown_tables(summary["best_beta"], rows, config))
     plot_reward_vs_kl(rows, summary, out / "gold_reward_vs_kl.png")
     plot_vs_beta(rows, summary, out / "gold_reward_vs_beta.png")
     plot_offline_reg_vs_kl(rows, out / "offline_reg_vs_kl.png")
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Rank correlation (no ties expected among these real-valued measurements)."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        return [order.index(i) for i in range(len(values))]
+
+    rx, ry = torch.tensor(ranks(x), dtype=torch.float64), torch.tensor(ranks(y), dtype=torch.float64)
+    return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+
+
+def offline_reg_kl_agreement(rows: list[dict]) -> dict:
+    """Do the offline regulariser (on held-out pairs) and the sampled KL order the raw-beta runs the same way? Per
+    loss (along its beta grid) and over all runs together (across losses too)."""
+    ok = [r for r in rows if r["status"] == "ok" and not r["calibrated"]]
+    agreement = {}
+    for loss in dict.fromkeys(r["loss"] for r in ok):
+        group = [r for r in ok if r["loss"] == loss]
+        if len(group) > 2:
+            agreement[loss] = spearman([r["offline_reg"] for r in group], [r["kl"] for r in group])
+    if len(ok) > 2:
+        agreement["all"] = spearman([r["offline_reg"] for r in ok], [r["kl"] for r in ok])
+    return agreement
 
 
 def best_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -580,6 +605,12 @@ def _save(figure, path: Path):
     os.replace(tmp, path)
 
 
+def _color(loss: str) -> str:
+    """One colour per loss in every panel, whichever losses a panel has (the calibrated one has no hinge)."""
+    names = available_losses()
+    return f"C{names.index(loss) % 10}" if loss in names else "black"
+
+
 def _by_loss(rows, calibrated):
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -589,20 +620,24 @@ def _by_loss(rows, calibrated):
 
 
 def plot_reward_vs_kl(rows: list[dict], summary: dict, path: Path):
+    """Gao et al.'s picture: gold reward against KL, one curve per loss, from the base LM (KL 0) through the betas
+    from largest (least movement) to smallest."""
     plt = _pyplot()
     arms = sorted({r["calibrated"] for r in rows})
-    figure, axes = plt.subplots(1, len(arms), figsize=(6 * len(arms), 4.5), sharey=True, squeeze=False)
+    base = summary["base"]["gold_reward"]
+    figure, axes = plt.subplots(1, len(arms), figsize=(6 * len(arms), 4.5), sharey=True, sharex=True, squeeze=False)
     for axis, calibrated in zip(axes[0], arms):
         for loss, group in _by_loss(rows, calibrated).items():
-            axis.errorbar([max(r["kl"], 1e-3) for r in group], [r["gold_reward"] for r in group],
-                          yerr=[r["gold_reward_se"] for r in group], marker="o", ms=4, capsize=2, label=loss)
-        axis.axhline(summary["base"]["gold_reward"], color="grey", ls="--", lw=1, label="base LM (KL 0)")
-        axis.set_xscale("log")
+            group = group[::-1]
+            axis.errorbar([0.0] + [r["kl"] for r in group], [base] + [r["gold_reward"] for r in group],
+                          yerr=[0.0] + [r["gold_reward_se"] for r in group], marker="o", ms=3, capsize=2,
+                          elinewidth=0.8, lw=1.2, label=loss, color=_color(loss))
+        axis.scatter([0.0], [base], marker="*", s=120, color="black", zorder=5, label="base LM")
         axis.set_xlabel("KL(pi || pi_ref), nats (from the policy's samples)")
-        axis.set_title("calibrated beta" if calibrated else "raw beta")
+        axis.set_title("calibrated beta (nominal beta to logistic)" if calibrated else "raw beta")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold reward (held-out prompts)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     _save(figure, path)
 
 
@@ -614,8 +649,8 @@ def plot_vs_beta(rows: list[dict], summary: dict, path: Path):
         for loss, group in _by_loss(rows, calibrated).items():
             betas = [r["beta"] for r in group]
             axes[0][column].errorbar(betas, [r["gold_reward"] for r in group], yerr=[r["gold_reward_se"] for r in group],
-                                     marker="o", ms=4, capsize=2, label=loss)
-            axes[1][column].plot(betas, [max(r["kl"], 1e-3) for r in group], marker="o", ms=4, label=loss)
+                                     marker="o", ms=4, capsize=2, label=loss, color=_color(loss))
+            axes[1][column].plot(betas, [max(r["kl"], 1e-3) for r in group], marker="o", ms=4, color=_color(loss))
         axes[0][column].axhline(summary["base"]["gold_reward"], color="grey", ls="--", lw=1, label="base LM")
         axes[0][column].set_title("calibrated: nominal beta" if calibrated else "raw beta")
         axes[1][column].set_yscale("log")
@@ -625,7 +660,7 @@ def plot_vs_beta(rows: list[dict], summary: dict, path: Path):
             axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold reward")
     axes[1][0].set_ylabel("KL(pi || pi_ref)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     _save(figure, path)
 
 
@@ -633,7 +668,8 @@ def plot_offline_reg_vs_kl(rows: list[dict], path: Path):
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for loss, group in _by_loss(rows, False).items():
-        axis.scatter([r["offline_reg"] for r in group], [max(r["kl"], 1e-3) for r in group], label=loss, s=18)
+        axis.scatter([r["offline_reg"] for r in group], [max(r["kl"], 1e-3) for r in group], label=loss, s=18,
+                     color=_color(loss))
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("offline regulariser 1/2 E_mu[rho^2] (held-out pairs)")
@@ -653,11 +689,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", required=True, help="the study file (configs/studies/*.yaml)")
     parser.add_argument("--out", required=True, help="where results, tables and plots are written")
     parser.add_argument("--seed", type=int, help="overrides the file's seed")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw tables and plots from the results already in --out, without training")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_config(args.config)
     if args.seed is not None:
         config.seed = args.seed
+    if args.replot:
+        out = Path(args.out)
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        write_outputs(rows, json.loads((out / "summary.json").read_text()), config, out)
+        return {"rows": rows}
     _quiet()
     result = run_study(config, Path(args.out))
     print(f"{len(result['rows'])} runs in {result['summary']['seconds']:.0f}s; results in {args.out}")
