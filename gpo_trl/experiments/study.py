@@ -470,6 +470,7 @@ def write_outputs(rows: list[dict], summary: dict, config: StudyConfig, out: Pat
     write_text_atomic(out / "results.csv", buffer.getvalue())
     summary["best_beta"] = best_beta_table(rows, config)
     summary["offline_reg_kl_spearman"] = offline_reg_kl_agreement(rows)
+    summary["gold_at_matched_kl"] = gold_at_matched_kl(rows)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_text_atomic(out / "tables.md", markdown_tables(summary["best_beta"], rows, config))
     plot_reward_vs_kl(rows, summary, out / "gold_reward_vs_kl.png")
@@ -499,6 +500,30 @@ def offline_reg_kl_agreement(rows: list[dict]) -> dict:
     if len(ok) > 2:
         agreement["all"] = spearman([r["offline_reg"] for r in ok], [r["kl"] for r in ok])
     return agreement
+
+
+def gold_at_matched_kl(rows: list[dict], kls=(2.0, 3.0, 4.0, 5.0, 6.0)) -> dict:
+    """How similar are the losses' gold-vs-KL curves? Each raw-beta curve's rising branch (beta from the largest down
+    to the best one) interpolated linearly at common KL values; the spread across losses is max - min."""
+    curves = {}
+    for loss, group in _by_loss(rows, False).items():
+        best = max(group, key=lambda r: r["gold_reward"])["beta"]
+        branch = sorted((r["kl"], r["gold_reward"]) for r in group if r["beta"] >= best)
+        curves[loss] = branch
+    table = {}
+    for kl in kls:
+        values = {loss: _interpolate(branch, kl) for loss, branch in curves.items()}
+        values = {loss: v for loss, v in values.items() if v is not None}
+        if len(values) > 1:
+            table[str(kl)] = {**values, "spread": max(values.values()) - min(values.values())}
+    return table
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None  # outside the branch: no extrapolation
 
 
 def best_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -574,6 +599,15 @@ def markdown_tables(table: list[dict], rows: list[dict], config: StudyConfig) ->
                          f"{_fmt(t['best_beta_refined'])} | {predicted_refined} | "
                          f"{t['best_gold_reward']:.3f} ± {t['best_gold_reward_se']:.3f} | {t['kl_at_best']:.2f} | "
                          f"{t['win_rate_at_best']:.3f} |")
+        lines.append("")
+    matched = gold_at_matched_kl(rows)
+    if matched:
+        losses = [loss for loss in config.losses if any(loss in v for v in matched.values())]
+        lines += ["### Gold reward at matched KL (raw beta, rising branch interpolated; '-' = outside the branch)", "",
+                  "| KL | " + " | ".join(losses) + " | spread |", "|---" * (len(losses) + 2) + "|"]
+        for kl, values in matched.items():
+            cells = [f"{values[loss]:.2f}" if loss in values else "-" for loss in losses]
+            lines.append(f"| {kl} | " + " | ".join(cells) + f" | {values['spread']:.2f} |")
         lines.append("")
     lines += ["### Every run", "", "| loss | calibrated | beta | effective beta | gold reward | KL | offline reg "
               "(held-out pairs) | win rate | eval accuracy |", "|---|---|---|---|---|---|---|---|---|"]
