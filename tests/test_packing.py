@@ -175,15 +175,16 @@ def test_prefix_sharing_refuses_keep_end_truncation(tmp_path):
 
 @pytest.mark.slow
 def test_packed_prefix_shared_training_follows_the_padded_trajectory(tiny_models, hh_dataset, tmp_path):
-    """Five optimizer steps with the reference pass: every logged value equals the padded run's within 1e-4."""
-    common = dict(max_steps=5, learning_rate=5e-3, per_device_train_batch_size=4, max_length=96)
+    """Five optimizer steps with the reference pass: every logged value equals the padded run's within 1e-4.
+    Plain SGD: Adam divides by the root of tiny second moments, which magnifies float32 rounding step after step."""
+    common = dict(max_steps=5, optim="sgd", learning_rate=0.05, per_device_train_batch_size=4, max_length=96)
     runs = {}
     for name, kwargs in {"padded": {}, "packed+shared": dict(padding_free=True, prefix_sharing=True)}.items():
         args = GPOConfig(output_dir=str(tmp_path / name), **cpu_args(**common, **kwargs))
         trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=hh_dataset)
         trainer.train()
         runs[name] = logged_steps(trainer)
-    assert runs["padded"][-1]["rewards/margins"] > runs["padded"][0]["rewards/margins"]
+    assert runs["padded"][-1]["rewards/margins"] > runs["padded"][0]["rewards/margins"] + 0.1
     for step, (expected, got) in enumerate(zip(runs["padded"], runs["packed+shared"]), start=1):
         for key, value in expected.items():
             if key not in ("grad_norm",):
