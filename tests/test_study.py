@@ -57,7 +57,8 @@ def test_every_loss_in_both_arms_and_hinge_calibration_is_refused(smoke_runs):
     rows = rows_of(smoke_runs[0])
     config = load_config(SMOKE)
     assert {(r["loss"], r["beta"], r["calibrated"]) for r in rows} == {
-        (loss, beta, calibrated) for loss in available_losses() for beta in config.betas for calibrated in (False, True)}
+        (loss, beta, calibrated)
+        for loss in available_losses() for beta in config.betas for calibrated in (False, True)}
     for row in rows:
         if row["loss"] == "hinge" and row["calibrated"]:
             assert row["status"] == "refused: c_f = 0" and "c_f" in row["error"]
@@ -99,7 +100,8 @@ def test_calibration_is_exactly_a_change_of_beta(smoke_runs):
         assert calibrated["beta_effective"] == raw["beta_effective"] == 0.05
         assert without_timings(calibrated) | {"calibrated": False, "beta": 0.05} == without_timings(raw)
     for loss in ("logistic", "savage"):
-        assert without_timings(rows[(loss, 0.1, True)]) | {"calibrated": False} == without_timings(rows[(loss, 0.1, False)])
+        calibrated, raw = without_timings(rows[(loss, 0.1, True)]), without_timings(rows[(loss, 0.1, False)])
+        assert calibrated | {"calibrated": False} == raw
 
 
 @pytest.mark.slow
@@ -140,3 +142,12 @@ def test_gold_reward_terms():
     assert gold_reward(prompt, [0]) == -3.0  # empty: 6 tokens from the target length
     assert gold_reward(prompt, [1, 1, 0]) == -2 * 2.0 - 4 * 0.5  # two junk (PAD) tokens, 4 from the target length
     assert gold_reward(prompt, six_distinct_good[:-1] + [3 + 24]) == 6.5  # no EOS: 7 good, one over the target
+
+
+@pytest.mark.parametrize("line, message", [("betas: 0.1", "`betas`"), ("epochs: two", "`epochs`"),
+                                           ("train_pairs: 0", ">= 1"), ("calibration: logistik", "logistik")])
+def test_bad_values_are_errors_naming_the_key(tmp_path, line, message):
+    config = tmp_path / "study.yaml"
+    config.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(config)

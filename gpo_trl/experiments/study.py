@@ -86,10 +86,14 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"Cannot read study file {path}: {err}") from err
     if not isinstance(spec, dict):
         raise ConfigError(f"Study file {path} must be a YAML mapping of `key: value` lines.")
-    known = [f.name for f in dataclasses.fields(StudyConfig)]
-    for key in spec:
-        if key not in known:
-            raise ConfigError(f"Unknown key {key!r} in study file {path}; known keys: {', '.join(known)}.")
+    fields = {f.name: f.type for f in dataclasses.fields(StudyConfig)}
+    for key, value in spec.items():
+        if key not in fields:
+            raise ConfigError(f"Unknown key {key!r} in study file {path}; known keys: {', '.join(fields)}.")
+        if not _has_type(value, fields[key]):
+            raise ConfigError(f"`{key}` in study file {path} must be {fields[key]}, got {value!r}.")
+        if fields[key] == "int" and key != "seed" and value < 1:
+            raise ConfigError(f"`{key}` in study file {path} must be >= 1, got {value!r}.")
     config = StudyConfig(**spec)
     unknown_losses = [name for name in config.losses if name not in available_losses()]
     if unknown_losses:
@@ -98,7 +102,18 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"`betas` in {path} must be a non-empty list of numbers > 0, got {config.betas!r}.")
     if "logistic" not in config.losses:
         raise ConfigError(f"`losses` in {path} must include logistic: the c_f predictions are relative to it.")
+    if config.calibration is not None and config.calibration not in available_losses():
+        raise ConfigError(f"`calibration: {config.calibration}` in {path} is not a registered loss.")
     return config
+
+
+def _has_type(value, annotation: str) -> bool:
+    """The YAML value matches the field's annotation (ints are fine where floats are expected; bools never are)."""
+    if isinstance(value, bool):
+        return False
+    expected = {"int": int, "float": (int, float), "list[str]": list, "list[float]": list,
+                "str | None": (str, type(None))}
+    return isinstance(value, expected[annotation])
 
 
 # --- The task: vocabulary, gold reward, corpus --------------------------------------------------------------------
@@ -106,8 +121,8 @@ def load_config(path: str | Path) -> StudyConfig:
 EOS, PAD, SEP, FIRST_WORD = 0, 1, 2, 3
 GOOD_EVERY = 4  # w0, w4, w8, ... are "good": a quarter of the vocabulary
 TARGET_LENGTH = 6
-# Gold reward weights. A completion of 6 distinct good tokens that echo the prompt scores highest; the base LM's
-# samples sit around 0 (measured, see summary.json), so there is room to improve and room to overshoot.
+# Gold reward weights. The best completions (about 6-8 distinct good words, echoing the prompt's good words) score
+# about 7; the base LM's samples average about -0.6 (sd 2.1, see summary.json): room to improve and to overshoot.
 W_GOOD, W_ECHO, W_REPEAT, W_LENGTH, W_JUNK = 1.0, 0.5, 1.0, 0.5, 2.0
 
 
@@ -136,7 +151,8 @@ def gold_reward(prompt: list[int], completion: list[int]) -> float:
     echo = sum(t in prompt for t in words)
     repeats = len(words) - len(set(words))
     junk = len(tokens) - len(words)
-    return W_GOOD * good + W_ECHO * echo - W_REPEAT * repeats - W_JUNK * junk - W_LENGTH * abs(len(tokens) - TARGET_LENGTH)
+    length_gap = abs(len(tokens) - TARGET_LENGTH)
+    return W_GOOD * good + W_ECHO * echo - W_REPEAT * repeats - W_JUNK * junk - W_LENGTH * length_gap
 
 
 def random_prompts(n: int, config: StudyConfig, generator: torch.Generator) -> torch.Tensor:
@@ -248,7 +264,8 @@ def sample_in_batches(model, prompts, config: StudyConfig, generator, batch: int
 
 
 def rewards(prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([gold_reward(p, c) for p, c in zip(prompts.tolist(), completions.tolist())], dtype=torch.float64)
+    values = [gold_reward(p, c) for p, c in zip(prompts.tolist(), completions.tolist())]
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def diversity(prompts: torch.Tensor, completions: torch.Tensor) -> dict:
@@ -569,7 +586,8 @@ def best_beta_table(rows: list[dict], config: StudyConfig) -> list[dict]:
                 predicted = (None, None)
             table.append({**entry, "status": "ok", "best_beta": grid_best, "best_beta_refined": refined,
                           "predicted": predicted[0], "predicted_refined": predicted[1],
-                          "best_gold_reward": best_row["gold_reward"], "best_gold_reward_se": best_row["gold_reward_se"],
+                          "best_gold_reward": best_row["gold_reward"],
+                          "best_gold_reward_se": best_row["gold_reward_se"],
                           "kl_at_best": best_row["kl"], "win_rate_at_best": best_row["win_rate"]})
     return table
 
@@ -682,7 +700,8 @@ def plot_vs_beta(rows: list[dict], summary: dict, path: Path):
     for column, calibrated in enumerate(arms):
         for loss, group in _by_loss(rows, calibrated).items():
             betas = [r["beta"] for r in group]
-            axes[0][column].errorbar(betas, [r["gold_reward"] for r in group], yerr=[r["gold_reward_se"] for r in group],
+            axes[0][column].errorbar(betas, [r["gold_reward"] for r in group],
+                                     yerr=[r["gold_reward_se"] for r in group],
                                      marker="o", ms=4, capsize=2, label=loss, color=_color(loss))
             axes[1][column].plot(betas, [max(r["kl"], 1e-3) for r in group], marker="o", ms=4, color=_color(loss))
         axes[0][column].axhline(summary["base"]["gold_reward"], color="grey", ls="--", lw=1, label="base LM")
