@@ -91,9 +91,7 @@ class GPOTrainer(DPOTrainer):
         self._attn_implementation = self.accelerator.unwrap_model(self.model).config._attn_implementation
         return packing.PackedPreferenceCollator(
             self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
-            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy,
-            # a prefix-shared unit holds two sequences of up to max_length tokens each, less the shared prompt
-            row_length=args.max_length and args.max_length * (2 if args.prefix_sharing else 1))
+            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length)
 
     @staticmethod
     def _check_batch_layout(model, args: GPOConfig, train_dataset, peft_config, compute_metrics):
