@@ -8,20 +8,28 @@ LoRA, with and without precomputed reference log-probs, plus the floor: one forw
 the same padded batch (fused LM head, no reference pass, no loss).
 Part `layouts`: TRL's padded DPO against GPO (logistic) with padded, length-grouped, packed (`padding_free`),
 prefix-shared and packed + prefix-shared batches, LoRA, at the same batch size and max_length.
+Part `overhead`: the milliseconds GPO's code adds around the model per step (loss, metrics and their backward, replayed
+on recorded outputs, plus the gradient finiteness check), against TRL's, with a low enough noise to check the 2% target.
 
-How it measures. The trainers of one comparison are built side by side and take turns on the same batches (the same
-row indices for everyone; the order of the turns rotates every step), so when this shared machine slows down for a
-second it slows all of them alike. A timed step is what the Trainer does per batch: collate the rows, then
-`training_step` (forward, reference pass unless precomputed, loss, metrics, backward); the optimizer step follows,
-untimed (identical for all). Each ratio is taken per step against TRL on the same batch, and the table reports the
-median of those ratios. tokens/s counts the real tokens of the pairs as TRL does (prompt + completion per sequence),
-so every layout is credited with the same work. Peak memory: after timing, each trainer alone runs two steps while
-the RSS is sampled (freed memory is first returned to the OS with malloc_trim), or the CUDA peak on a GPU.
+How it measures. The code paths of one comparison run on ONE GPOTrainer instance: TRL's (DPOTrainer's own
+`training_step` and `_compute_loss`, called on the instance; GPOConfig keeps TRL's `loss_type: sigmoid`), GPO's with
+each loss, and the floor. They share the model weights in memory, the optimizer and the batches, so nothing but the
+code differs; separate instances of one model measurably run at different speeds here (a separate `DPOTrainer`
+instance, "TRL DPOTrainer, own model", runs alongside to show how much). The paths take turns on the same batches
+(the same row indices for everyone; the order of the turns rotates every step), so when this shared machine slows
+down for a second it slows all of them alike. A timed step is what the Trainer does per batch: collate the rows,
+then `training_step` (forward, reference pass unless precomputed, loss, metrics, backward); the optimizer step
+follows, untimed. Each ratio is taken per step against TRL on the same batch, and the table reports the median of
+those ratios, for wall time and for the process's CPU time. tokens/s counts the real tokens of the pairs as TRL does
+(prompt + completion per sequence), so every layout is credited with the same work. Peak memory: after timing, each
+path alone runs two steps while the RSS is sampled, with glibc made to return freed blocks to the OS (see
+PeakMemory), or the CUDA peak on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -31,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,24 +53,23 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from gpo_trl import GPOConfig, GPOTrainer, available_losses  # noqa: E402
+from gpo_trl import GPOConfig, GPOTrainer, available_losses, get_loss  # noqa: E402
 from gpo_trl.data import check_dataset  # noqa: E402
+from gpo_trl.guards import all_finite  # noqa: E402
 from gpo_trl.demo import build_tokenizer  # noqa: E402
-from gpo_trl.packing import is_packed, pair_units, sequence_units  # noqa: E402
+from gpo_trl.packing import PackedPreferenceCollator, is_packed, pair_units, sequence_units  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "tests" / "data" / "hh_rlhf_harmless_base_head300.jsonl"
-LAYOUTS = {
-    "padded": {},
-    "length-grouped": {},  # padded, batches drawn by transformers' LengthGroupedSampler
-    "packed": dict(padding_free=True),
-    "prefix-shared": dict(prefix_sharing=True),
-    "packed+prefix-shared": dict(padding_free=True, prefix_sharing=True),
-}
 
 
 class PeakMemory:
-    """Peak memory while the block runs: CUDA peak allocated on a GPU, else the RSS increase (sampled every 2 ms)."""
+    """Peak memory while the block runs: CUDA peak allocated on a GPU, else the RSS increase (sampled every 2 ms).
+
+    On the CPU, torch allocates with glibc malloc, which keeps freed blocks for reuse, so an RSS increase would depend
+    on what earlier trainers in this process left behind. While measuring, blocks of 64 KiB and more are mmapped and
+    unmapped on free (M_MMAP_THRESHOLD), so the RSS follows the memory in use; the default is restored after.
+    """
 
     def __enter__(self):
         gc.collect()
@@ -69,7 +77,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed pages back, so the base is what is really in use
+            _mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+            _libc().malloc_trim(0)  # hand freed pages back, so the base is what is really in use
             self.process, self._running = psutil.Process(), True
             self.base = self.peak = self.process.memory_info().rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -87,7 +96,19 @@ class PeakMemory:
         else:
             self._running = False
             self._thread.join()
+            _mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # glibc's initial threshold
         self.increase = max(self.peak - self.base, 0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _libc():
+    return ctypes.CDLL("libc.so.6")
+
+
+def _mallopt(parameter: int, value: int):
+    _libc().mallopt(parameter, value)
 
 
 def build_model(path: Path, texts: list[str], seed: int) -> Path:
@@ -103,34 +124,44 @@ def build_model(path: Path, texts: list[str], seed: int) -> Path:
 
 
 class Contender:
-    """One trainer (or the floor) that can take a timed step on given rows."""
+    """One code path that takes a timed step on given rows: `trl` (DPOTrainer's training_step and _compute_loss),
+    `gpo` (GPOTrainer's, with `loss`), or `floor`; on a trainer, with a collator (the batch layout)."""
 
-    def __init__(self, name: str, trainer, floor: bool = False, grouped: bool = False):
-        self.name, self.trainer, self.floor, self.grouped = name, trainer, floor, grouped
-        self.times, self.collate_times, self.tokens, self.cells, self.filled = [], [], [], [], []
-        if not floor:
+    def __init__(self, name: str, trainer, kind: str = "gpo", loss: str | None = None, collator=None,
+                 grouped: bool = False):
+        self.name, self.trainer, self.kind, self.grouped = name, trainer, kind, grouped
+        self.loss = get_loss(loss) if loss else None
+        self.collator = collator or trainer.data_collator
+        self.times, self.cpu_times, self.collate_times, self.tokens, self.cells, self.filled = [], [], [], [], [], []
+        if trainer.optimizer is None:
             trainer.create_optimizer()
             trainer.current_gradient_accumulation_steps = 1  # what Trainer.train() sets before its first step
 
     def step(self, indices: list[int], record: bool):
         trainer = self.trainer
-        start = time.perf_counter()
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in indices])
+        if self.loss is not None:
+            trainer.gpo_loss = self.loss
+        start, cpu_start = time.perf_counter(), time.process_time()
+        batch = self.collator([trainer.train_dataset[i] for i in indices])
         collated = time.perf_counter()
-        if self.floor:
+        if self.kind == "floor":
             batch = trainer._prepare_inputs(batch)
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
             out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                                 use_cache=False, fused_lm_head=True)
             out.log_probs.sum().backward()
+        elif self.kind == "trl":
+            with trl_code_path(trainer):
+                DPOTrainer.training_step(trainer, trainer.model, batch)
         else:
             trainer.training_step(trainer.model, batch)
-        elapsed = time.perf_counter() - start
-        if not self.floor:
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if self.kind != "floor":
             trainer.optimizer.step()
         trainer.model.zero_grad(set_to_none=True)
         if record:
             self.times.append(elapsed)
+            self.cpu_times.append(cpu)
             self.collate_times.append(collated - start)
             self.tokens.append(int(batch["sequence_lengths" if is_packed(batch) else "attention_mask"].sum()))
             self.cells.append(batch["input_ids"].numel())
@@ -139,8 +170,19 @@ class Contender:
     def _filled_cells(self, indices: list[int]) -> int:
         """Non-padding cells of a packed batch: the lengths of its units (a shared prompt counts once)."""
         padded = self.trainer._padded_collator([self.trainer.train_dataset[i] for i in indices])
-        units = pair_units(padded) if self.trainer.args.prefix_sharing else sequence_units(padded)
+        units = pair_units(padded) if self.collator.prefix_sharing else sequence_units(padded)
         return sum(len(unit) for unit in units)
+
+
+@contextlib.contextmanager
+def trl_code_path(trainer):
+    """Run TRL's DPOTrainer._compute_loss on this trainer instance (GPOConfig keeps TRL's loss_type: sigmoid)."""
+    if isinstance(trainer, GPOTrainer):
+        trainer._compute_loss = types.MethodType(DPOTrainer._compute_loss, trainer)
+    try:
+        yield
+    finally:
+        trainer.__dict__.pop("_compute_loss", None)
 
 
 def make_trainer(kind: str, model_path: Path, dataset, args, lora: bool, precompute: bool, out: Path,
@@ -192,11 +234,13 @@ def summarise(contenders: list[Contender], baseline: Contender, args, **fields) 
     results = []
     for contender in contenders:
         ratios = [t / b for t, b in zip(contender.times, baseline.times)]
+        cpu_ratios = [t / b for t, b in zip(contender.cpu_times, baseline.cpu_times)]
         step = statistics.median(contender.times)
         results.append({
             **fields, "name": contender.name, "step_time_s": step, "collate_s": statistics.median(contender.collate_times),
             "tokens_per_s": sum(contender.tokens) / sum(contender.times),
-            "step_time_ratio": statistics.median(ratios),
+            "step_time_ratio": statistics.median(ratios), "step_time_ratios": ratios,
+            "cpu_time_ratio": statistics.median(cpu_ratios), "step_times_s": contender.times,
             "tokens_per_s_ratio": statistics.median([1 / r for r in ratios]) if not contender.grouped else
             (sum(contender.tokens) / sum(contender.times)) / (sum(baseline.tokens) / sum(baseline.times)),
             "padding_fraction": 1 - sum(contender.filled) / sum(contender.cells),
@@ -210,36 +254,113 @@ def summarise(contenders: list[Contender], baseline: Contender, args, **fields) 
 
 
 def part_losses(model_path: Path, dataset, args, tmp: Path) -> list[dict]:
+    """Per setting, one GPOTrainer instance runs TRL's code path, GPO's with every loss, and the floor, so they share
+    the model weights in memory, the optimizer and the batches; a separate DPOTrainer instance runs alongside."""
     results = []
     for setting in args.settings:
         lora, precompute = "lora" in setting, "precompute" in setting
-        trl = Contender("TRL DPO (sigmoid)", make_trainer("trl", model_path, dataset, args, lora, precompute, tmp))
-        floor = Contender("floor (policy fwd+bwd)", trl.trainer, floor=True)
-        gpo = [Contender(f"GPO {loss}", make_trainer("gpo", model_path, dataset, args, lora, precompute, tmp, loss))
-               for loss in args.losses]
-        race([trl, floor, *gpo], args)
-        rows = summarise([trl, *gpo, floor], trl, args, part="losses", setting=setting)
-        floor_step = rows[-1]["step_time_s"]
-        for row, contender in zip(rows, [trl, *gpo, floor]):
+        shared = make_trainer("gpo", model_path, dataset, args, lora, precompute, tmp)
+        trl = Contender("TRL DPO (sigmoid)", shared, kind="trl")
+        own = Contender("TRL DPOTrainer, own model", make_trainer("trl", model_path, dataset, args, lora, precompute,
+                                                                  tmp), kind="trl")
+        floor = Contender("floor (policy fwd+bwd)", shared, kind="floor")
+        gpo = [Contender(f"GPO {loss}", shared, loss=loss) for loss in args.losses]
+        contenders = [trl, *gpo, own, floor]
+        race(contenders, args)
+        rows = summarise(contenders, trl, args, part="losses", setting=setting)
+        for row, contender in zip(rows, contenders):
             row["vs_floor"] = statistics.median([t / f for t, f in zip(contender.times, floor.times)])
         results += rows
-        print_table(rows, f"setting: {setting} (floor {floor_step:.3f} s)")
-        del trl, floor, gpo
+        print_table(rows, f"setting: {setting} (floor {rows[-1]['step_time_s']:.3f} s)")
+        del shared, trl, own, floor, gpo, contenders
         gc.collect()
     return results
 
 
 def part_layouts(model_path: Path, dataset, args, tmp: Path) -> list[dict]:
-    lora = True
-    trl = Contender("TRL DPO padded", make_trainer("trl", model_path, dataset, args, lora, False, tmp))
-    gpo = [Contender(f"GPO {name}", make_trainer("gpo", model_path, dataset, args, lora, False, tmp, **layout),
-                     grouped=name == "length-grouped") for name, layout in LAYOUTS.items()]
+    """TRL's padded DPO against GPO (logistic) in every batch layout, LoRA, all on one trainer instance."""
+    trainer = make_trainer("gpo", model_path, dataset, args, True, False, tmp)
+    trainer._attn_implementation = trainer.model.config._attn_implementation
+    padded = trainer._padded_collator
+    pad = trainer._tokenizer.pad_token_id
+
+    def packed(**layout):
+        return PackedPreferenceCollator(padded, pad_token_id=pad, row_length=args.max_length, **layout)
+
+    trl = Contender("TRL DPO padded", trainer, kind="trl", collator=padded)
+    gpo = [Contender("GPO padded", trainer, loss="logistic", collator=padded),
+           Contender("GPO length-grouped", trainer, loss="logistic", collator=padded, grouped=True),
+           Contender("GPO packed", trainer, loss="logistic", collator=packed(padding_free=True)),
+           Contender("GPO prefix-shared", trainer, loss="logistic", collator=packed(padding_free=False,
+                                                                                  prefix_sharing=True)),
+           Contender("GPO packed+prefix-shared", trainer, loss="logistic",
+                     collator=packed(padding_free=True, prefix_sharing=True))]
     race([trl, *gpo], args)
     rows = summarise([trl, *gpo], trl, args, part="layouts", setting="lora")
-    prompt_share = prompt_token_share(trl.trainer, batches(trl.trainer.train_dataset, args, grouped=False)[args.warmup:])
+    prompt_share = prompt_token_share(trainer, batches(trainer.train_dataset, args, grouped=False)[args.warmup:])
     for row in rows:
         row["prompt_token_share"] = prompt_share
     print_table(rows, f"batch layouts, LoRA (prompt tokens are {prompt_share:.0%} of the real tokens)")
+    return rows
+
+
+class Replay(torch.nn.Module):
+    """Stands in for the model and returns recorded fused-head outputs: what is left to time is the code around the
+    forward (loss, metrics, their backward), which is all that differs between TRL's step and GPO's."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, *args, **kwargs):
+        return self.outputs
+
+
+def part_overhead(model_path: Path, dataset, args, tmp: Path, repeats: int = 200) -> list[dict]:
+    """The per-step cost of GPO's code outside the model, against TRL's, measured in isolation (milliseconds are
+    below what whole-step timing can resolve on this machine): each loss path replayed on recorded outputs of a
+    real batch, plus GPO's gradient finiteness check on the real gradients of a full fine-tuning step."""
+    trainer = make_trainer("gpo", model_path, dataset, args, False, True, tmp)
+    Contender("setup", trainer)  # optimizer and accumulation state, as in the other parts
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)]))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    start = time.perf_counter()
+    outputs = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                            use_cache=False, fused_lm_head=True)
+    outputs.log_probs.sum().backward()
+    model_step = time.perf_counter() - start
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    outputs = type(outputs)(**{k: (v.detach().requires_grad_(v.is_floating_point()) if torch.is_tensor(v) else v)
+                               for k, v in outputs.items()})
+    replay = Replay(outputs)
+
+    def loss_path(run) -> float:
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            run(replay, batch, False).backward()
+            times.append(time.perf_counter() - begin)
+        return statistics.median(times)
+
+    trl_ms = 1e3 * loss_path(types.MethodType(DPOTrainer._compute_loss, trainer))
+    rows = [{"part": "overhead", "name": "TRL DPO (sigmoid)", "loss_path_ms": trl_ms}]
+    for loss in args.losses:
+        trainer.gpo_loss = get_loss(loss)
+        rows.append({"part": "overhead", "name": f"GPO {loss}", "loss_path_ms": 1e3 * loss_path(trainer._compute_loss)})
+    check = []
+    for _ in range(repeats // 4):
+        begin = time.perf_counter()
+        all_finite(trainer.accelerator, [torch.stack(torch._foreach_norm(grads))])
+        check.append(time.perf_counter() - begin)
+    check_ms = 1e3 * statistics.median(check)
+    print(f"\noverhead: the code around the model per step (full fine-tuning, batch {args.batch}, precomputed reference; "
+          f"one policy forward+backward of this batch takes {1e3 * model_step:.0f} ms)")
+    for row in rows:
+        row["gradient_check_ms"] = check_ms if row["name"].startswith("GPO") else 0.0
+        row["extra_ms_vs_trl"] = row["loss_path_ms"] + row["gradient_check_ms"] - trl_ms
+        row["extra_share_of_model_step"] = row["extra_ms_vs_trl"] / (1e3 * model_step)
+        print(f"{row['name']:<26} loss path {row['loss_path_ms']:6.2f} ms  + gradient check {row['gradient_check_ms']:5.2f} ms"
+              f"  = {row['extra_ms_vs_trl']:+6.2f} ms vs TRL ({row['extra_share_of_model_step']:+.2%} of the model step)")
     return rows
 
 
@@ -247,7 +368,7 @@ def prompt_token_share(trainer, index_batches) -> float:
     """Share of the pairs' real tokens (as TRL counts them) that are prompt tokens."""
     prompt = total = 0
     for indices in index_batches:
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in indices])
+        batch = trainer._padded_collator([trainer.train_dataset[i] for i in indices])
         real = batch["attention_mask"].sum().item()
         prompt += real - batch["completion_mask"].sum().item()
         total += real
@@ -256,15 +377,16 @@ def prompt_token_share(trainer, index_batches) -> float:
 
 def print_table(rows: list[dict], title: str):
     print(f"\n{title}")
-    header = f"{'trainer':<26}{'step s':>8}{'tok/s':>8}{'padding':>9}{'time/TRL':>9}{'tok/TRL':>9}{'peak MB':>9}" \
-             f"{'mem/TRL':>9}{'/floor':>8}"
+    header = f"{'trainer':<26}{'step s':>8}{'tok/s':>8}{'padding':>9}{'time/TRL':>9}{'cpu/TRL':>9}{'tok/TRL':>9}" \
+             f"{'peak MB':>9}{'mem/TRL':>9}{'/floor':>8}"
     print(header + "\n" + "-" * len(header))
     for r in rows:
         memory_cells = (f"{r['peak_memory_mb']:>9.0f}{r.get('memory_ratio', 0):>9.3f}" if r["peak_memory_mb"]
                         is not None else f"{'':>18}")
         floor = f"{r['vs_floor']:>8.2f}" if "vs_floor" in r else f"{'':>8}"
         print(f"{r['name']:<26}{r['step_time_s']:>8.3f}{r['tokens_per_s']:>8.0f}{r['padding_fraction']:>9.0%}"
-              f"{r['step_time_ratio']:>9.3f}{r['tokens_per_s_ratio']:>9.3f}{memory_cells}{floor}")
+              f"{r['step_time_ratio']:>9.3f}{r['cpu_time_ratio']:>9.3f}{r['tokens_per_s_ratio']:>9.3f}"
+              f"{memory_cells}{floor}")
 
 
 def main(argv=None):
@@ -278,7 +400,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--losses", nargs="+", default=available_losses())
     parser.add_argument("--settings", nargs="+", default=["full", "lora", "full+precompute", "lora+precompute"])
-    parser.add_argument("--parts", nargs="+", default=["losses", "layouts"], choices=["losses", "layouts"])
+    parser.add_argument("--parts", nargs="+", default=["losses", "layouts", "overhead"],
+                        choices=["losses", "layouts", "overhead"])
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -294,6 +417,8 @@ def main(argv=None):
             results += part_losses(model_path, dataset, args, Path(tmp) / "out")
         if "layouts" in args.parts:
             results += part_layouts(model_path, dataset, args, Path(tmp) / "out")
+        if "overhead" in args.parts:
+            results += part_overhead(model_path, dataset, args, Path(tmp) / "out")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -212,7 +212,13 @@ def test_benchmark_reports_every_layout_with_ratios(tmp_path):
                                                          "packed+prefix-shared")} <= names
     layouts = {r["name"]: r for r in results if r["part"] == "layouts"}
     assert layouts["GPO packed"]["padding_fraction"] < layouts["TRL DPO padded"]["padding_fraction"]
+    overhead = {r["name"]: r for r in results if r["part"] == "overhead"}
+    assert {"TRL DPO (sigmoid)", "GPO logistic", "GPO squared"} <= overhead.keys()
+    assert all(r["loss_path_ms"] > 0 and abs(r["extra_share_of_model_step"]) < 1 for r in overhead.values())
+    assert overhead["GPO logistic"]["gradient_check_ms"] > 0 == overhead["TRL DPO (sigmoid)"]["gradient_check_ms"]
     for row in results:
+        if row["part"] == "overhead":
+            continue
         assert row["step_time_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_memory_mb"] >= 0
         assert 0 < row["step_time_ratio"] < 100 and 0 <= row["prompt_token_share" if row["part"] == "layouts"
                                                                   else "padding_fraction"] < 1
