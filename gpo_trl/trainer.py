@@ -63,7 +63,7 @@ class GPOTrainer(DPOTrainer):
         self.aux_rewards = args.build_aux_rewards()
         self._ref_cache_dir = Path(args.ref_logps_cache_dir) if args.ref_logps_cache_dir else refcache.default_cache_dir()
         given = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *pos, **kwargs).arguments
-        self._check_batch_layout(model, args, given.get("train_dataset"), given.get("peft_config"),
+        self._check_model_for_batch_layout(model, args, given.get("train_dataset"), given.get("peft_config"),
                                  given.get("compute_metrics"))
         self._padded_collator = None  # set once TRL has built it; TRL's __init__ precomputes with its own
         # TRL 1.16 turns `padding_free` off for DPO with a warning; GPO implements it (gpo_trl.packing)
@@ -87,14 +87,14 @@ class GPOTrainer(DPOTrainer):
         self.dataset_names: list[str] | None = None  # recorded in the model card; the recipe sets it
 
     def _packed_collator(self, args: GPOConfig) -> packing.PackedPreferenceCollator:
-        """Packed / prefix-shared batches (see gpo_trl.packing); `_check_batch_layout` has vetted the setup."""
+        """Packed / prefix-shared batches (see gpo_trl.packing); `_check_model_for_batch_layout` has vetted the setup."""
         self._attn_implementation = self.accelerator.unwrap_model(self.model).config._attn_implementation
         return packing.PackedPreferenceCollator(
             self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
             prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length)
 
     @staticmethod
-    def _check_batch_layout(model, args: GPOConfig, train_dataset, peft_config, compute_metrics):
+    def _check_model_for_batch_layout(model, args: GPOConfig, train_dataset, peft_config, compute_metrics):
         """Refuse setups packed or prefix-shared batches cannot serve, before the model is loaded."""
         if not (args.padding_free or args.prefix_sharing):
             return
@@ -217,12 +217,13 @@ class GPOTrainer(DPOTrainer):
             kwargs["attention_mask"] = packing.model_attention_mask(inputs["attention_mask"], self._attn_implementation)
         return kwargs
 
-    def _forward(self, model, inputs, **kwargs):
-        """Fused-head forward; the per-token outputs of a packed batch come back in the padded (2B, T-1) layout."""
+    def _forward(self, model, inputs, fields=("log_probs", "entropy", "mean_logits", "is_top1"), **kwargs):
+        """Fused-head forward; the per-token `fields` of a packed batch come back in the padded (2B, T-1) layout
+        (the loss and the metrics read only those)."""
         outputs = model(**self._model_kwargs(inputs), **kwargs, use_cache=False, fused_lm_head=True)
         if packing.is_packed(inputs):
             shape = inputs["completion_mask"][:, 1:].shape
-            for name in ("log_probs", "entropy", "mean_logits", "is_top1", "label_mask"):
+            for name in fields:
                 setattr(outputs, name, packing.unpack(getattr(outputs, name), inputs["unpack_index"], shape))
         return outputs
 
@@ -276,7 +277,7 @@ class GPOTrainer(DPOTrainer):
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            return self._forward(ref_model, inputs).log_probs.sum(dim=1).chunk(2)
+            return self._forward(ref_model, inputs, fields=("log_probs",)).log_probs.sum(dim=1).chunk(2)
 
     def _margin(self, chosen_logratios, rejected_logratios, completion_mask) -> torch.Tensor:
         """rho per pair: summed log-ratios, or per-token averages when `gpo_length_normalize` (TRL's IPO form)."""
