@@ -14,9 +14,9 @@ if Version(trl.__version__).release[:2] != Version(_TRL_TESTED).release[:2]:
         f"pip install 'trl>={_TRL_TESTED},<1.{int(_TRL_TESTED.split('.')[1]) + 1}'"
     )
 
-from .config import GPOConfig  # noqa: E402
+from .config import CalibrationError, GPOConfig  # noqa: E402
 from .losses import GPOLoss, available_losses, get_loss, register_loss  # noqa: E402
 from .trainer import GPOTrainer  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GPOConfig", "GPOLoss", "GPOTrainer", "available_losses", "get_loss", "register_loss"]
+__all__ = ["CalibrationError", "GPOConfig", "GPOLoss", "GPOTrainer", "available_losses", "get_loss", "register_loss"]

@@ -23,6 +23,11 @@ _TRL_LOSS_ONLY_KNOBS = {
 }
 
 
+class CalibrationError(ValueError):
+    """`beta_calibration` cannot be applied: the loss or the reference has c_f = 0 (hinge), so there is no
+    curvature-based offline regulariser to match. A ValueError, so callers that catch those still do."""
+
+
 @dataclass
 class GPOConfig(DPOConfig):
     r"""
@@ -220,7 +225,7 @@ class GPOConfig(DPOConfig):
         reference = get_loss(self.beta_calibration)
         for which in (reference, loss):
             if which.c_f <= 0:
-                raise ValueError(
+                raise CalibrationError(
                     f"`beta_calibration` is undefined with {which.name!r}: its c_f = f''(0) / 2|f'(0)| is "
                     f"{which.c_f:g}, so it has no curvature-based offline regulariser to match (hinge regularises "
                     "through its margin). Unset `beta_calibration` or use a loss with f''(0) > 0."

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpo_trl import GPOConfig
+from gpo_trl import CalibrationError, GPOConfig
 from gpo_trl.recipe import ConfigError, parse_args
 
 REPO = Path(__file__).parent.parent
@@ -41,6 +41,21 @@ def test_defaults_reproduce_dpo():
 def test_invalid_values_fail_in_post_init(kwargs, message):
     with pytest.raises(ValueError, match=message):
         config(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(gpo_loss="hinge", beta_calibration="logistic"),
+                                    dict(gpo_loss="logistic", beta_calibration="hinge")])
+def test_calibration_refusal_has_its_own_exception(kwargs):
+    """hinge has c_f = 0: the refusal is a CalibrationError (still a ValueError), so callers catch it by type."""
+    with pytest.raises(CalibrationError, match="undefined with 'hinge'") as caught:
+        config(**kwargs)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_other_calibration_mistakes_are_not_calibration_errors():
+    with pytest.raises(ValueError, match="not a registered loss") as caught:
+        config(beta_calibration="nope")
+    assert not isinstance(caught.value, CalibrationError)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from gpo_trl.cli import main as cli_main
-from gpo_trl.experiments.study import gold_reward, load_config, main
+from gpo_trl.experiments.study import StudyConfig, calibration_refusal, gold_reward, load_config, main
 from gpo_trl.losses import available_losses
 from gpo_trl.recipe import ConfigError
 
@@ -151,3 +151,11 @@ def test_bad_values_are_errors_naming_the_key(tmp_path, line, message):
     config.write_text(line + "\n")
     with pytest.raises(ConfigError, match=message):
         load_config(config)
+
+
+def test_calibration_refusal_is_caught_by_type_and_other_errors_propagate():
+    """The study records hinge's CalibrationError as a finding; any other GPOConfig error is a bug and raises."""
+    assert "undefined with 'hinge'" in calibration_refusal("hinge", StudyConfig(calibration="logistic"))
+    assert calibration_refusal("squared", StudyConfig(calibration="logistic")) is None
+    with pytest.raises(ValueError, match="not a registered loss"):
+        calibration_refusal("squared", StudyConfig(calibration="nope"))

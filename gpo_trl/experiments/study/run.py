@@ -82,15 +82,14 @@ def train_policy(loss: str, beta: float, calibrated: bool, data: dict, config: S
 
 
 def calibration_refusal(loss: str, config: StudyConfig) -> str | None:
-    """The trainer's own answer on whether `loss` can be calibrated (hinge, c_f = 0, cannot): None, or its error."""
-    from ... import GPOConfig
+    """The trainer's own answer on whether `loss` can be calibrated (hinge, c_f = 0, cannot): None, or its error.
+    Only that refusal is a finding; any other error from GPOConfig is a bug in the study and propagates."""
+    from ... import CalibrationError, GPOConfig
 
     try:
         GPOConfig(output_dir="unused", gpo_loss=loss, beta=0.1, beta_calibration=config.calibration, use_cpu=True,
                   report_to=[])
-    except ValueError as err:
-        if "c_f" not in str(err):  # any other refusal is a bug in the study, not a finding
-            raise
+    except CalibrationError as err:
         return str(err)
     return None
 
