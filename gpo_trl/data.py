@@ -6,6 +6,13 @@ prompt (implicit-prompt rows such as hh-rlhf get the shared prefix extracted, as
     standard:        {"prompt": str, "chosen": str, "rejected": str}
     conversational:  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
 
+A `system` column (after `column_map`) makes a source conversational: its text becomes a system message before the
+user prompt (none when it is empty) and the completions assistant messages, so TRL applies the chat template. The
+other text sources of such a mixture become messages too (without a system message), so that every row is formatted
+alike. Before mixing, every source is cast to one schema (`large_string` as `string`, the same message fields), so
+json, jsonl, parquet, csv and Hub-layout sources of one format concatenate; text mixed with message lists that came
+as such is refused.
+
 Every row is checked before any model is loaded. Structural problems (a missing column, a number where text should
 be, a malformed message) stop the run with the dataset, row and column named. Rows a user may rather skip (an empty
 completion, chosen identical to rejected, a prompt that fills `max_length`) are dropped and counted, or stop the run
@@ -20,12 +27,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from datasets import Dataset, concatenate_datasets, load_dataset
+from datasets import Dataset, Features, LargeList, List, Value, concatenate_datasets, load_dataset
 from trl.data_utils import extract_prompt
 
 logger = logging.getLogger(__name__)
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+SYSTEM = "system"  # optional column: a system message before the prompt (see `with_system_messages`)
 ROLES = {"system", "user", "assistant", "tool"}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -124,7 +132,7 @@ def load_source(source: PreferenceSource, seed: int = 0) -> Dataset:
                 f"{source.label}: no {column!r} column (columns: {dataset.column_names}). Map yours with "
                 f"`column_map`, e.g. {{response_j: chosen, response_k: rejected}}."
             )
-    dataset = dataset.select_columns([c for c in PREFERENCE_COLUMNS if c in dataset.column_names])
+    dataset = dataset.select_columns([c for c in (*PREFERENCE_COLUMNS, SYSTEM) if c in dataset.column_names])
     if _needs_extraction(dataset):  # per source, so that a mixture never pairs a prompt-less row with None
         dataset = dataset.map(explicit_prompt, desc=f"Extracting prompts ({source.label})")
     if source.fraction is not None:
@@ -140,10 +148,16 @@ def build_datasets(script_args, data_args: DataArguments, tokenizer=None, max_le
     elif script_args.dataset_name:
         common = dict(path=script_args.dataset_name, name=script_args.dataset_config)
         sources = [PreferenceSource(**common, split=script_args.dataset_train_split)]
-        eval_dataset = _load_optional_split(PreferenceSource(**common, split=script_args.dataset_test_split), seed)
+        eval_source = PreferenceSource(**common, split=script_args.dataset_test_split)
+        eval_dataset = _load_optional_split(eval_source, seed)
+        if eval_dataset is not None:
+            [eval_dataset], _ = with_system_messages([eval_dataset], [eval_source])
     else:
         raise DataError("No dataset: set `dataset_name` (a Hub id or a local path) or a `datasets:` list.")
-    train_dataset = mix([load_source(s, seed) for s in sources], sources)
+    datasets, notes = with_system_messages([load_source(s, seed) for s in sources], sources)
+    train_dataset = mix(datasets, sources)
+    if tokenizer is not None:  # before any model is loaded
+        require_chat_template(train_dataset, sources, tokenizer)
     if data_args.test_split_size is not None:
         size = data_args.test_split_size
         split = train_dataset.train_test_split(test_size=int(size) if size >= 1 else size, seed=data_args.test_split_seed)
@@ -154,6 +168,7 @@ def build_datasets(script_args, data_args: DataArguments, tokenizer=None, max_le
         if dataset is not None:
             checked[name], report = check_dataset(dataset, f"{base} ({name})", tokenizer, max_length,
                                                   data_args.invalid_rows)
+            report.notes = notes if name == "train" else []
             reports.append(report)
     return checked["train"], checked.get("eval"), reports
 
@@ -179,7 +194,13 @@ def _builder_for(data_files) -> str:
 
 
 def mix(datasets: list[Dataset], sources: list[PreferenceSource]) -> Dataset:
-    """Concatenate sources; with weights, take round(w_i * N) rows of each, N as large as no source is oversampled."""
+    """Concatenate sources, cast to one schema; with weights, take round(w_i * N) rows of each, N as large as no
+    source is oversampled."""
+    kinds = {_is_conversational(d[0]) for d in datasets if len(d)}
+    if len(kinds) > 1:
+        raise DataError("The mixture combines conversational (message lists) and standard (string) sources; "
+                        "convert them to one format first.")
+    datasets = one_schema(datasets, sources)
     weights = [s.weight for s in sources]
     if any(w is not None for w in weights):
         if any(w is None for w in weights):
@@ -187,15 +208,122 @@ def mix(datasets: list[Dataset], sources: list[PreferenceSource]) -> Dataset:
         shares = [w / sum(weights) for w in weights]
         total = min(len(d) / share for d, share in zip(datasets, shares))
         datasets = [d.select(range(round(share * total))) for d, share in zip(datasets, shares)]
-    kinds = {_is_conversational(d[0]) for d in datasets if len(d)}
-    if len(kinds) > 1:
-        raise DataError("The mixture combines conversational (message lists) and standard (string) sources; "
-                        "convert them to one format first.")
     return concatenate_datasets(datasets) if len(datasets) > 1 else datasets[0]
 
 
 def _is_conversational(row: dict) -> bool:
     return isinstance(row.get("chosen"), list)
+
+
+# --- One format and one schema for every source -----------------------------------------------------------------
+
+
+def with_system_messages(datasets: list[Dataset], sources: list[PreferenceSource]) -> tuple[list[Dataset], list[str]]:
+    """Sources with a `system` column become conversational: [system (when its text is not empty), user] prompt
+    messages, one assistant message per completion. When any source has one, the other text sources become messages
+    too (no system message), so the whole mixture goes through the chat template. Returns the datasets and one note
+    per converted source for the data check."""
+    if not any(SYSTEM in d.column_names for d in datasets):
+        return datasets, []
+    converted, notes = [], []
+    for dataset, source in zip(datasets, sources):
+        has_system = SYSTEM in dataset.column_names
+        if has_system:
+            _check_system_column(dataset, source)
+        elif len(dataset) and _is_conversational(dataset[0]):
+            converted.append(dataset)  # already messages, and no system text to add
+            continue
+        with_message = sum(_is_text(s) for s in dataset[SYSTEM]) if has_system else 0
+        dataset = dataset.map(_as_messages, remove_columns=[SYSTEM] if has_system else [],
+                              desc=f"Building chat messages ({source.label})")
+        notes.append(f"{source.label}: `system` column -> chat messages (a system message in {with_message} of "
+                     f"{len(dataset)} rows; empty system texts add none), completions as assistant messages; "
+                     "the chat template formats them." if has_system else
+                     f"{source.label}: text rows -> user/assistant chat messages (no system message), to match the "
+                     "mixture's sources with a `system` column.")
+        converted.append(dataset)
+    return converted, notes
+
+
+def _check_system_column(dataset: Dataset, source: PreferenceSource):
+    for index, value in enumerate(dataset[SYSTEM]):
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{source.label}, row {index}, column 'system': expected text, got "
+                            f"{type(value).__name__} {value!r:.40}.")
+
+
+def _as_messages(row: dict) -> dict:
+    """One row as messages. Values that are not text are left as they are, for `check_row` to report."""
+    prompt = row["prompt"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    system = row.get(SYSTEM)
+    if _is_text(system) and isinstance(messages, list):
+        messages = [{"role": "system", "content": system}, *messages]
+    completions = {c: [{"role": "assistant", "content": row[c]}] if isinstance(row[c], str) else row[c]
+                   for c in ("chosen", "rejected")}
+    return {"prompt": messages, **completions}
+
+
+def _is_text(system) -> bool:
+    """A system text that adds a message: not None (a csv's empty cell), not empty or blank."""
+    return isinstance(system, str) and bool(system.strip())
+
+
+def require_chat_template(dataset: Dataset, sources: list[PreferenceSource], tokenizer):
+    """Conversational rows are formatted by the tokenizer's chat template: without one, stop now, naming why."""
+    if not len(dataset) or not _is_conversational(dataset[0]) or getattr(tokenizer, "chat_template", None):
+        return
+    labels = ", ".join(s.label for s in sources)
+    raise DataError(f"{labels}: the rows are chat messages (a `system` column, or message lists), which the "
+                    "tokenizer's chat template formats, but this tokenizer has no chat template. Use a tokenizer "
+                    "with one (a chat/instruct model's), or keep a text source as text by mapping its system column "
+                    "away (`column_map: {system: unused_system}`).")
+
+
+def one_schema(datasets: list[Dataset], sources: list[PreferenceSource]) -> list[Dataset]:
+    """Cast every source to one schema: builders differ in how they type the same data (csv and parquet give
+    `large_string`, json `string`; message fields come in any order), which `concatenate_datasets` refuses."""
+    if len(datasets) < 2:
+        return datasets
+    plain = [Features({k: _plain(v) for k, v in d.features.items()}) for d in datasets]
+    target = {}
+    for column in dict.fromkeys(k for features in plain for k in features):
+        types = {s.label: f[column] for f, s in zip(plain, sources) if column in f and not _is_null(f[column])}
+        if len({repr(_sorted(t)) for t in types.values()}) > 1:
+            found = "; ".join(f"{label}: {t}" for label, t in types.items())
+            raise DataError(f"The mixture's sources type column {column!r} differently ({found}). Give it the same "
+                            "content in every source (text, or messages with the same fields).")
+        target[column] = next(iter(types.values()), Value("null"))
+    cast = []
+    for dataset in datasets:
+        features = Features({k: target[k] for k in dataset.column_names})
+        cast.append(dataset if dataset.features.arrow_schema == features.arrow_schema else dataset.cast(features))
+    return cast
+
+
+def _plain(feature):
+    """The feature with `large_string` as `string` and large lists as lists, recursively."""
+    if isinstance(feature, Value) and feature.dtype == "large_string":
+        return Value("string")
+    if isinstance(feature, (List, LargeList)):
+        return List(_plain(feature.feature))
+    if isinstance(feature, dict):
+        return {k: _plain(v) for k, v in feature.items()}
+    return feature
+
+
+def _sorted(feature):
+    """For comparing types: message fields in any order are the same type."""
+    if isinstance(feature, List):
+        return List(_sorted(feature.feature))
+    if isinstance(feature, dict):
+        return {k: _sorted(feature[k]) for k in sorted(feature)}
+    return feature
+
+
+def _is_null(feature) -> bool:
+    return (isinstance(feature, Value) and feature.dtype == "null") or (
+        isinstance(feature, List) and _is_null(feature.feature))
 
 
 # --- Row checks -------------------------------------------------------------------------------------------------
@@ -267,17 +395,19 @@ class DataReport:
     name: str
     rows: int
     dropped: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was done to the sources (e.g. system messages)
 
     @property
     def kept(self) -> int:
         return self.rows - sum(len(v) for v in self.dropped.values())
 
     def __str__(self) -> str:
+        notes = "".join(f"\n    {note}" for note in self.notes)
         if not self.dropped:
-            return f"{self.name}: {self.rows} rows, all valid."
+            return f"{self.name}: {self.rows} rows, all valid.{notes}"
         parts = [f"{reason}: {len(rows)} (rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''})"
                  for reason, rows in self.dropped.items()]
-        return f"{self.name}: {self.rows} rows, dropped {self.rows - self.kept}: " + "; ".join(parts)
+        return f"{self.name}: {self.rows} rows, dropped {self.rows - self.kept}: " + "; ".join(parts) + notes
 
 
 def check_dataset(dataset: Dataset, name: str, tokenizer=None, max_length: int | None = None,
