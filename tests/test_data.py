@@ -1,11 +1,14 @@
 """Preference data on the real samples in tests/data (copied from shared/data): every format, column maps,
 mixtures, held-out splits, and the row checks that run before any model is loaded."""
 
+import csv
 import json
 from types import SimpleNamespace
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from datasets import Dataset
+from datasets import Dataset, Features, Value
 
 from conftest import DATA
 from gpo_trl.data import (DataArguments, DataError, PreferenceSource, build_datasets, check_dataset, check_row,
@@ -15,6 +18,9 @@ HH = str(DATA / "hh_rlhf_harmless_base_head300.jsonl")
 ULTRA = str(DATA / "ultrafeedback_binarized_16.jsonl")
 STACK = str(DATA / "stack_exchange_paired_25.json")
 STACK_MAP = {"question": "prompt", "response_j": "chosen", "response_k": "rejected"}
+ORCA = DATA / "orca_style_dpo_pairs_10.csv"  # Intel/orca_dpo_pairs layout: system, question, chosen, rejected
+QA = DATA / "qa_preference_extra_columns_8.jsonl"  # prompt, chosen, rejected plus id, scores, topic
+ORCA_SOURCE = {"data_files": str(ORCA), "column_map": {"question": "prompt"}}
 
 
 def no_script(**kwargs):
@@ -159,3 +165,108 @@ def test_prompt_filling_max_length_is_counted(tiny_models):
     assert report.kept == len(train) == 300 - 1 - len(report.dropped["prompt fills max_length"])
     with pytest.raises(DataError, match=r"column 'prompt': prompt fills max_length. Raise `max_length` \(now 64\)"):
         build({"data_files": HH}, tokenizer=tokenizer, max_length=64, invalid_rows="error")
+
+
+# --- Mixtures of files in different formats, and the `system` column ---------------------------------------------
+
+
+def csv_rows(path) -> list[dict]:
+    """The file as the csv module reads it (an empty cell is ''), independently of `datasets`."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def jsonl_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def chat(prompt: str, system: str = "") -> list[dict]:
+    """The messages a text row should become: a system message only when its text is not blank."""
+    return ([{"role": "system", "content": system}] if system.strip() else []) + [{"role": "user", "content": prompt}]
+
+
+def answer(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def test_reported_mixture_of_orca_csv_and_jsonl_becomes_one_conversational_dataset():
+    """The issue's mixture: csv (typed large_string, with a system column) + jsonl (string, extra columns). Every
+    row becomes messages; the system text leads the prompt where it is not blank (7 of the 10 csv rows)."""
+    train, _, [report] = build(ORCA_SOURCE, {"data_files": str(QA)})
+    orca, qa = csv_rows(ORCA), jsonl_rows(QA)
+    assert len(train) == report.rows == len(orca) + len(qa) == 18 and not report.dropped
+    assert set(train.column_names) == {"prompt", "chosen", "rejected"}
+    expected = [{"prompt": chat(r["question"], r["system"]), "chosen": answer(r["chosen"]),
+                 "rejected": answer(r["rejected"])} for r in orca]
+    expected += [{"prompt": chat(r["prompt"]), "chosen": answer(r["chosen"]), "rejected": answer(r["rejected"])}
+                 for r in qa]
+    assert train.to_list() == expected
+    assert orca[1]["system"] == "" and orca[8]["system"] == "   "  # the empty and the blank system texts
+    assert train[1]["prompt"] == [{"role": "user", "content": orca[1]["question"]}]
+    assert train[8]["prompt"] == [{"role": "user", "content": orca[8]["question"]}]
+    with_system = sum(bool(r["system"].strip()) for r in orca)
+    assert with_system == 7
+    text = str(report)
+    assert f"orca_style_dpo_pairs_10.csv [train]: `system` column -> chat messages (a system message in " \
+           f"{with_system} of 10 rows" in text
+    assert "qa_preference_extra_columns_8.jsonl [train]: text rows -> user/assistant chat messages" in text
+
+
+def test_every_builder_of_the_standard_format_mixes(tmp_path):
+    """json, jsonl, parquet (large_string, written by pyarrow), csv and a local Hub-layout directory, all standard
+    text: the mixture is every source's rows in order, whatever each builder typed them as."""
+    zen = jsonl_rows(DATA / "zen_standard_preference" / "train.jsonl")
+    qa = jsonl_rows(QA)
+    table = pa.table({k: pa.array([r[k] for r in qa[:4]], pa.large_string()) for k in ("prompt", "chosen", "rejected")})
+    pq.write_table(table, tmp_path / "qa.parquet")
+    with open(tmp_path / "zen.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerows(zen[:5])
+    stack = json.loads((DATA / "stack_exchange_paired_25.json").read_text())
+    sources = [{"data_files": STACK, "column_map": STACK_MAP}, {"data_files": str(QA)},
+               {"data_files": str(tmp_path / "qa.parquet")}, {"data_files": str(tmp_path / "zen.csv")},
+               {"path": str(DATA / "zen_standard_preference")}]
+    assert load_source(make_source(sources[3])).features["prompt"] == Value("large_string")  # what needed the cast
+    train, _, [report] = build(*sources)
+    triple = ("prompt", "chosen", "rejected")
+    expected = [dict(zip(triple, (r["question"], r["response_j"], r["response_k"]))) for r in stack]
+    expected += [{k: r[k] for k in triple} for r in qa + qa[:4] + zen[:5] + zen]
+    assert train.to_list() == expected and not report.dropped and not report.notes
+    assert train.features == Features({k: Value("string") for k in triple})
+
+
+def test_conversational_sources_of_every_origin_mix():
+    """The orca csv (messages built from its system column), UltraFeedback (messages with fields content, role) and
+    TRL's conversational zen directory (role, content): one schema, every row kept as its own messages."""
+    train, _, [report] = build(ORCA_SOURCE, {"data_files": ULTRA}, {"path": str(DATA / "zen_conversational_preference")})
+    assert len(train) == 10 + 16 + 17 and not report.dropped
+    ultra = jsonl_rows(DATA / "ultrafeedback_binarized_16.jsonl")
+    assert train[10]["chosen"] == ultra[0]["chosen"][1:]  # the assistant turn, after the shared user prompt
+    assert train[10 + 16]["prompt"] == jsonl_rows(DATA / "zen_conversational_preference" / "train.jsonl")[0]["prompt"]
+    assert train[0]["prompt"][0] == {"role": "system", "content": csv_rows(ORCA)[0]["system"]}
+
+
+def test_system_column_without_a_chat_template_is_an_error_naming_the_source(tiny_models):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match=r"orca_style_dpo_pairs_10.csv \[train\].*has no chat template"):
+        build(ORCA_SOURCE, tokenizer=tokenizer, max_length=256)
+
+
+def test_types_that_differ_beyond_string_widths_are_an_error_naming_the_column(tmp_path):
+    """Numbers where the other source has text are a data bug, not something to cast away."""
+    (tmp_path / "numbers.csv").write_text("prompt,chosen,rejected\nWhich is larger?,2,1\n")
+    with pytest.raises(DataError, match=r"type column 'chosen' differently.*numbers.csv \[train\]: Value\('int64'\)"):
+        build({"data_files": str(tmp_path / "numbers.csv")}, {"data_files": str(QA)})
+
+
+def test_a_system_column_that_is_not_text_names_row_and_column(tmp_path):
+    rows = [{"system": "Be brief.", "prompt": "p", "chosen": "a", "rejected": "b"},
+            {"system": 3, "prompt": "q", "chosen": "c", "rejected": "d"}]
+    path = tmp_path / "bad_system.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"bad_system.jsonl \[train\], row 1, column 'system': expected text"):
+        build({"data_files": str(path)})

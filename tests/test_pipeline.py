@@ -1,6 +1,7 @@
 """The training pipeline around the loss: QLoRA, the Hub (client intercepted, nothing sent), resuming, trackers,
 `gpo-trl evaluate`, and the shipped accelerate configs. Everything else here runs for real."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from peft import AutoPeftModelForCausalLM, LoraConfig
 from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig
 
-from conftest import REPO, cpu_args, logged_steps
+from conftest import DATA, REPO, cpu_args, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer
 from gpo_trl.cli import main as cli
 from gpo_trl.hub import PushError
@@ -194,6 +195,40 @@ def test_evaluate_command_scores_a_trained_adapter(tmp_path, capsys):
         assert metrics[key] == pytest.approx(after[key], rel=1e-4), key
     assert metrics["eval_gpo/margin"] > 0
     assert "eval_gpo/offline_reg" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_recipe_trains_the_reported_csv_and_jsonl_mixture_with_system_messages(tiny_models, tmp_path, capsys):
+    """The issue's mixture (an orca-layout csv with a system column, mapped question -> prompt, and a jsonl with extra
+    columns) through `gpo-trl train`'s path: it trains, the data check says what it did, and the prompts TRL
+    tokenised are the chat template applied to [system, user] (no system message where the text is empty)."""
+    config = tmp_path / "mixture.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_models['llama']}\n"
+        "datasets:\n"
+        f"  - {{data_files: {DATA / 'orca_style_dpo_pairs_10.csv'}, column_map: {{question: prompt}}}}\n"
+        f"  - {{data_files: {DATA / 'qa_preference_extra_columns_8.jsonl'}}}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        "max_steps: 2\nper_device_train_batch_size: 4\nmax_length: 256\nlearning_rate: 1.0e-3\nuse_cpu: true\n"
+        "bf16: false\nreport_to: none\nsave_strategy: 'no'\neval_strategy: 'no'\nlogging_steps: 1\n"
+        "dataloader_num_workers: 0\ndisable_tqdm: true\nuse_peft: true\nlora_target_modules: all-linear\n")
+    trainer, _, _ = recipe_main(*parse_args(["--config", str(config)]))
+    out = capsys.readouterr().out
+    assert "mixture of 2 (train): 18 rows, all valid." in out
+    assert "orca_style_dpo_pairs_10.csv [train]: `system` column -> chat messages (a system message in 7 of 10" in out
+    logs = logged_steps(trainer)
+    assert trainer.state.global_step == 2 and len(logs) == 2
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
+
+    with open(DATA / "orca_style_dpo_pairs_10.csv", newline="") as handle:
+        orca = list(csv.DictReader(handle))
+    # tiny_models' chat template (gpo_trl/demo.py), written out: <|role|>content\n per message, then <|assistant|>
+    expected_0 = f"<|system|>{orca[0]['system']}\n<|user|>{orca[0]['question']}\n<|assistant|>"
+    expected_1 = f"<|user|>{orca[1]['question']}\n<|assistant|>"  # an empty system cell: no system message
+    tokenizer = trainer.processing_class
+    prompts = [tokenizer.decode(row["prompt_ids"]) for row in trainer.train_dataset.select(range(2))]
+    assert prompts == [expected_0, expected_1]
+    assert tokenizer.decode(trainer.train_dataset[0]["chosen_ids"]).startswith(orca[0]["chosen"])
 
 
 @pytest.mark.parametrize("name", ["cpu_ddp", "multi_gpu", "fsdp2", "zero2", "zero3"])
