@@ -270,3 +270,29 @@ def test_a_system_column_that_is_not_text_names_row_and_column(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"bad_system.jsonl \[train\], row 1, column 'system': expected text"):
         build({"data_files": str(path)})
+
+
+def test_a_system_column_mapped_away_keeps_the_csv_as_text():
+    """The real orca csv (large_string) with `system` renamed out of the way mixes with the jsonl as plain text."""
+    source = {"data_files": str(ORCA), "column_map": {"question": "prompt", "system": "unused_system"}}
+    train, _, [report] = build(source, {"data_files": str(QA)})
+    orca, qa = csv_rows(ORCA), jsonl_rows(QA)
+    assert train.to_list() == [{"prompt": r["question"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                               for r in orca] + [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in qa]
+    assert not report.notes
+
+
+def test_dataset_name_directory_with_a_system_column_converts_both_splits(tmp_path):
+    orca = csv_rows(ORCA)
+    for split, rows in (("train", orca[:7]), ("test", orca[7:])):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["system", "prompt", "chosen", "rejected"])
+            writer.writerows([r["system"], r["question"], r["chosen"], r["rejected"]] for r in rows)
+    script = no_script()
+    script.dataset_name = str(tmp_path)
+    train, test, _ = build_datasets(script, DataArguments(), None, None)
+    assert [r["prompt"] for r in train] == [chat(r["question"], r["system"]) for r in orca[:7]]
+    assert [r["prompt"] for r in test] == [chat(r["question"], r["system"]) for r in orca[7:]]
+    assert test[1]["prompt"] == [{"role": "user", "content": orca[8]["question"]}]  # the blank system text
+    assert test[0]["chosen"] == answer(orca[7]["chosen"])
