@@ -227,22 +227,26 @@ def with_system_messages(datasets: list[Dataset], sources: list[PreferenceSource
         return datasets, []
     converted, notes = [], []
     for dataset, source in zip(datasets, sources):
-        has_system = SYSTEM in dataset.column_names
-        if has_system:
-            _check_system_column(dataset, source)
-        elif len(dataset) and _is_conversational(dataset[0]):
-            converted.append(dataset)  # already messages, and no system text to add
+        if SYSTEM not in dataset.column_names and len(dataset) and _is_conversational(dataset[0]):
+            converted.append(dataset)  # already messages, with no system text to add
             continue
-        with_message = sum(_is_text(s) for s in dataset[SYSTEM]) if has_system else 0
-        dataset = dataset.map(_as_messages, remove_columns=[SYSTEM] if has_system else [],
-                              desc=f"Building chat messages ({source.label})")
-        notes.append(f"{source.label}: `system` column -> chat messages (a system message in {with_message} of "
-                     f"{len(dataset)} rows; empty system texts add none), completions as assistant messages; "
-                     "the chat template formats them." if has_system else
-                     f"{source.label}: text rows -> user/assistant chat messages (no system message), to match the "
-                     "mixture's sources with a `system` column.")
+        dataset, note = _to_messages(dataset, source)
         converted.append(dataset)
+        notes.append(note)
     return converted, notes
+
+
+def _to_messages(dataset: Dataset, source: PreferenceSource) -> tuple[Dataset, str]:
+    desc = f"Building chat messages ({source.label})"
+    if SYSTEM not in dataset.column_names:
+        return dataset.map(_as_messages, desc=desc), (
+            f"{source.label}: text rows -> user/assistant chat messages (no system message), to match the "
+            "mixture's sources with a `system` column.")
+    _check_system_column(dataset, source)
+    with_message = sum(map(_is_text, dataset[SYSTEM]))
+    return dataset.map(_as_messages, remove_columns=[SYSTEM], desc=desc), (
+        f"{source.label}: `system` column -> chat messages (a system message in {with_message} of {len(dataset)} "
+        "rows; empty system texts add none), completions as assistant messages; the chat template formats them.")
 
 
 def _check_system_column(dataset: Dataset, source: PreferenceSource):

@@ -239,7 +239,8 @@ def test_every_builder_of_the_standard_format_mixes(tmp_path):
 def test_conversational_sources_of_every_origin_mix():
     """The orca csv (messages built from its system column), UltraFeedback (messages with fields content, role) and
     TRL's conversational zen directory (role, content): one schema, every row kept as its own messages."""
-    train, _, [report] = build(ORCA_SOURCE, {"data_files": ULTRA}, {"path": str(DATA / "zen_conversational_preference")})
+    zen = {"path": str(DATA / "zen_conversational_preference")}
+    train, _, [report] = build(ORCA_SOURCE, {"data_files": ULTRA}, zen)
     assert len(train) == 10 + 16 + 17 and not report.dropped
     ultra = jsonl_rows(DATA / "ultrafeedback_binarized_16.jsonl")
     assert train[10]["chosen"] == ultra[0]["chosen"][1:]  # the assistant turn, after the shared user prompt
