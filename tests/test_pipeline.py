@@ -14,6 +14,7 @@ from transformers import BitsAndBytesConfig
 
 from conftest import DATA, REPO, cpu_args, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer
+from gpo_trl.data import DataError
 from gpo_trl.cli import main as cli
 from gpo_trl.hub import PushError
 from gpo_trl.recipe import main as recipe_main
@@ -229,6 +230,23 @@ def test_recipe_trains_the_reported_csv_and_jsonl_mixture_with_system_messages(t
     prompts = [tokenizer.decode(row["prompt_ids"]) for row in trainer.train_dataset.select(range(2))]
     assert prompts == [expected_0, expected_1]
     assert tokenizer.decode(trainer.train_dataset[0]["chosen_ids"]).startswith(orca[0]["chosen"])
+
+
+def test_system_column_and_no_chat_template_stops_the_recipe_before_the_model_loads(tiny_models, tmp_path):
+    """The "model" directory holds only a tokenizer without a chat template: had the recipe got as far as loading
+    the model, it would fail on the missing weights instead of naming the data source."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "tokenizer_only")
+    config = tmp_path / "mixture.yaml"
+    config.write_text(
+        f"model_name_or_path: {tmp_path / 'tokenizer_only'}\n"
+        f"datasets:\n  - {{data_files: {DATA / 'orca_style_dpo_pairs_10.csv'}, column_map: {{question: prompt}}}}\n"
+        f"output_dir: {tmp_path / 'out'}\nuse_cpu: true\nbf16: false\nreport_to: none\nmax_length: 256\n")
+    with pytest.raises(DataError, match=r"orca_style_dpo_pairs_10.csv \[train\].*has no chat template"):
+        recipe_main(*parse_args(["--config", str(config)]))
 
 
 @pytest.mark.parametrize("name", ["cpu_ddp", "multi_gpu", "fsdp2", "zero2", "zero3"])
