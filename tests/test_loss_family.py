@@ -1,0 +1,146 @@
+"""The loss family beyond DPO's margin: reference-free GPO (SimPO), the SFT term, TRL's other single-margin losses.
+
+Every expected value is recomputed here from the model's own logits (log_softmax -> gather), independently of the
+fused LM head and of GPOTrainer's code, or compared with TRL's DPOTrainer on the same batches.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from trl import DPOConfig, DPOTrainer
+
+from conftest import cpu_args, logged_steps
+from gpo_trl import GPOConfig, GPOTrainer
+from test_trainer import lora_config, run
+
+
+def first_batch(trainer):
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def completion_logps(model, batch):
+    """(per-token log-probs of the completion tokens, their mask), both (2B, T-1), from a plain forward."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    mask = batch["completion_mask"][:, 1:].float()
+    return logps * mask, mask
+
+
+def batch_loss(trainer, batch):
+    trainer.model.eval()
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, batch).item()
+
+
+def count_forwards(module):
+    calls = []
+    handle = module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+# --- gpo_reference: none -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_simpo_loss_value_matches_its_formula(peft, tiny_models, zen_dataset, tmp_path):
+    """none + length normalisation + logistic + gamma is SimPO: -logsigmoid(beta (avg_w - avg_l) - gamma)."""
+    beta, gamma = 2.0, 0.5
+    args = GPOConfig(output_dir=str(tmp_path), gpo_reference="none", gpo_length_normalize=True, beta=beta,
+                     gpo_margin=gamma, **cpu_args())
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset,
+                         peft_config=lora_config() if peft else None)
+    assert trainer.ref_model is None
+    batch = first_batch(trainer)
+    logps, mask = completion_logps(trainer.model, batch)
+    average = logps.sum(1) / mask.sum(1)
+    avg_w, avg_l = average.chunk(2)
+    expected = -F.logsigmoid(beta * (avg_w - avg_l) - gamma).mean().item()
+    assert batch_loss(trainer, batch) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_reference_free_runs_no_reference_pass(tiny_models, zen_dataset, tmp_path):
+    """LoRA: one forward per step (the reference pass would be a second, adapter-disabled forward of the same
+    model; the control run with a reference shows the counter sees it). Full fine-tune: no reference model loaded."""
+    forwards = {}
+    for reference in ("model", "none"):
+        args = GPOConfig(output_dir=str(tmp_path / reference), gpo_reference=reference, **cpu_args(max_steps=3))
+        trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset,
+                             peft_config=lora_config())
+        calls, handle = count_forwards(trainer.model)
+        trainer.train()
+        handle.remove()
+        forwards[reference] = len(calls)
+        logs = logged_steps(trainer)
+        assert len(logs) == 3 and all(key in logs[-1] for key in ("gpo/margin", "gpo/push", "rewards/margins"))
+    assert forwards == {"model": 6, "none": 3}
+
+    args = GPOConfig(output_dir=str(tmp_path / "full"), gpo_reference="none", **cpu_args(max_steps=1))
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset)
+    assert trainer.ref_model is None
+    trainer.train()
+    trainer.create_model_card()
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "no reference model was loaded and no reference pass ran" in card
+
+
+def test_reference_free_refuses_what_needs_a_reference(tiny_models, zen_dataset, tmp_path):
+    for key in ("precompute_ref_log_probs", "sync_ref_model"):
+        with pytest.raises(ValueError, match=f"`{key}=True` needs a reference model"):
+            GPOConfig(output_dir=str(tmp_path), gpo_reference="none", **cpu_args(**{key: True}))
+    with pytest.raises(ValueError, match="`gpo_reference` must be one of"):
+        GPOConfig(output_dir=str(tmp_path), gpo_reference="base", **cpu_args())
+    from transformers import AutoModelForCausalLM
+
+    args = GPOConfig(output_dir=str(tmp_path), gpo_reference="none", **cpu_args())
+    with pytest.raises(ValueError, match="a `ref_model` was passed"):
+        GPOTrainer(model=str(tiny_models["llama"]), ref_model=AutoModelForCausalLM.from_pretrained(
+            tiny_models["llama"]), args=args, train_dataset=zen_dataset)
+
+
+def test_margin_gamma_enters_inside_f(tiny_models, zen_dataset, tmp_path):
+    """With a reference and a fresh adapter rho = 0, so the first loss is f(-gamma) = log(1 + e^gamma)."""
+    trainer = run(GPOTrainer, GPOConfig, tiny_models["llama"], zen_dataset, tmp_path, peft=True, gpo_margin=1.5,
+                  max_steps=1)
+    first = logged_steps(trainer)[0]
+    assert first["loss"] == pytest.approx(F.softplus(torch.tensor(1.5)).item(), rel=1e-6)
+    assert first["gpo/push"] == pytest.approx(torch.sigmoid(torch.tensor(1.5)).item(), rel=1e-6)
+
+
+# --- sft_coef --------------------------------------------------------------------------------------------------------
+
+
+def test_sft_term_value_matches_an_independent_nll(tiny_models, zen_dataset, tmp_path):
+    """loss(sft_coef=c) - loss(0) on one batch = c * mean NLL over the batch's chosen completion tokens."""
+    coef = 0.7
+    losses, batch = {}, None
+    for c in (0.0, coef):
+        args = GPOConfig(output_dir=str(tmp_path), sft_coef=c, **cpu_args())
+        trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset,
+                             peft_config=lora_config())
+        batch = batch or first_batch(trainer)  # one batch for both (a fresh adapter leaves the model unchanged)
+        losses[c] = batch_loss(trainer, batch)
+    logps, mask = completion_logps(trainer.model, batch)
+    chosen_logps, chosen_mask = logps.chunk(2)[0], mask.chunk(2)[0]
+    nll = -(chosen_logps.sum() / chosen_mask.sum()).item()
+    assert losses[coef] - losses[0.0] == pytest.approx(coef * nll, rel=1e-5)
+    assert trainer._metrics["eval"]["gpo/sft_loss"][-1] == pytest.approx(nll, rel=1e-5)
+
+
+def test_sft_coef_matches_trl_sigmoid_plus_sft_at_every_step(tiny_models, zen_dataset, tmp_path):
+    """sft_coef = 0 is DPO bit for bit; sft_coef = c is TRL's loss_type [sigmoid, sft] with weights [1, c]."""
+    coef = 0.5
+    gpo0 = run(GPOTrainer, GPOConfig, tiny_models["llama"], zen_dataset, tmp_path / "g0", peft=True, sft_coef=0.0,
+               max_steps=3)
+    trl0 = run(DPOTrainer, DPOConfig, tiny_models["llama"], zen_dataset, tmp_path / "t0", peft=True, max_steps=3)
+    assert [e["loss"] for e in logged_steps(gpo0)] == [e["loss"] for e in logged_steps(trl0)]
+    assert "gpo/sft_loss" not in logged_steps(gpo0)[0]
+    gpo = run(GPOTrainer, GPOConfig, tiny_models["llama"], zen_dataset, tmp_path / "g", peft=True, sft_coef=coef,
+              max_steps=3)
+    trl = run(DPOTrainer, DPOConfig, tiny_models["llama"], zen_dataset, tmp_path / "t", peft=True,
+              loss_type=["sigmoid", "sft"], loss_weights=[1.0, coef], max_steps=3)
+    gpo_logs, trl_logs = logged_steps(gpo), logged_steps(trl)
+    assert len(gpo_logs) == 3 and gpo_logs[0]["loss"] != gpo_logs[-1]["loss"]
+    for step, (g, t) in enumerate(zip(gpo_logs, trl_logs), start=1):
+        assert g["loss"] == pytest.approx(t["loss"], rel=1e-5), f"step {step}"
+        assert g["gpo/sft_loss"] > 0
