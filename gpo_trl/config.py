@@ -20,6 +20,8 @@ _TRL_LOSS_ONLY_KNOBS = {
                  "sums every token, or averages them with `gpo_length_normalize: true`, which is a different margin"),
     "f_divergence_type": ("reverse_kl", "GPO uses the reverse-KL log-ratio margin"),
     "use_weighting": (False, "WPO weighting is not part of GPO"),
+    "f_alpha_divergence_coef": (0.5, "it is read only with f_divergence_type: alpha_divergence, which GPO refuses"),
+    "discopop_tau": (0.05, "set it on the loss: `gpo_loss: discopop` with `gpo_loss_kwargs: {tau: ...}`"),
     "label_smoothing": (0.0, "set it on the loss: `gpo_loss: robust` or `exo_pair` with `gpo_loss_kwargs: "
                         "{label_smoothing: e}`"),
 }
@@ -261,6 +263,9 @@ class GPOConfig(DPOConfig):
             )
         reference = get_loss(self.beta_calibration)
         for which in (reference, loss):
+            if which.d1_at_0 >= 0:
+                raise ValueError(f"`beta_calibration` is undefined with {which.name!r}: f'(0) = {which.d1_at_0:g} >= 0, "
+                                 "so c_f is not an offline-regularisation strength. Unset `beta_calibration`.")
             if which.c_f <= 0:
                 raise ValueError(
                     f"`beta_calibration` is undefined with {which.name!r}: its c_f = f''(0) / 2|f'(0)| is "

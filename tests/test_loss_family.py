@@ -144,3 +144,30 @@ def test_sft_coef_matches_trl_sigmoid_plus_sft_at_every_step(tiny_models, zen_da
     for step, (g, t) in enumerate(zip(gpo_logs, trl_logs), start=1):
         assert g["loss"] == pytest.approx(t["loss"], rel=1e-5), f"step {step}"
         assert g["gpo/sft_loss"] > 0
+
+
+# --- TRL's single-margin losses --------------------------------------------------------------------------------------
+
+TRL_PARITY = {
+    "robust": (dict(gpo_loss="robust", gpo_loss_kwargs={"label_smoothing": 0.2}),
+               dict(loss_type="robust", label_smoothing=0.2)),
+    "exo_pair": (dict(gpo_loss="exo_pair", gpo_loss_kwargs={"label_smoothing": 1e-3}),
+                 dict(loss_type="exo_pair", label_smoothing=1e-3)),
+    "discopop": (dict(gpo_loss="discopop", gpo_loss_kwargs={"tau": 0.05}), dict(loss_type="discopop", discopop_tau=0.05)),
+    "sigmoid_norm": (dict(gpo_loss="logistic", gpo_length_normalize=True), dict(loss_type="sigmoid_norm")),
+}
+
+
+@pytest.mark.parametrize("name", list(TRL_PARITY))
+def test_parity_with_trl_margin_losses(name, tiny_models, zen_dataset, tmp_path):
+    """Full fine-tune, 3 steps: the same losses and TRL metrics as TRL's loss_type of the same name."""
+    gpo_kwargs, trl_kwargs = TRL_PARITY[name]
+    gpo = run(GPOTrainer, GPOConfig, tiny_models["llama"], zen_dataset, tmp_path / "g", max_steps=3, beta=0.5,
+              **gpo_kwargs)
+    trl = run(DPOTrainer, DPOConfig, tiny_models["llama"], zen_dataset, tmp_path / "t", max_steps=3, beta=0.5,
+              **trl_kwargs)
+    gpo_logs, trl_logs = logged_steps(gpo), logged_steps(trl)
+    assert len(gpo_logs) == 3 and gpo_logs[-1]["rewards/margins"] != 0.0
+    for step, (g, t) in enumerate(zip(gpo_logs, trl_logs), start=1):
+        for key, value in t.items():
+            assert g[key] == pytest.approx(value, rel=1e-6, abs=1e-6), f"step {step}: {key}"
