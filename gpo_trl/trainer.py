@@ -121,7 +121,8 @@ class GPOTrainer(DPOTrainer):
         self._attn_implementation = self.accelerator.unwrap_model(self.model).config._attn_implementation
         return packing.PackedPreferenceCollator(
             self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
-            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length)
+            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length,
+            pad_to_multiple_of=args.pad_to_multiple_of)
 
     @staticmethod
     def _check_model_for_batch_layout(model, args: GPOConfig, train_dataset, peft_config, compute_metrics):

@@ -171,3 +171,58 @@ def test_parity_with_trl_margin_losses(name, tiny_models, zen_dataset, tmp_path)
     for step, (g, t) in enumerate(zip(gpo_logs, trl_logs), start=1):
         for key, value in t.items():
             assert g[key] == pytest.approx(value, rel=1e-6, abs=1e-6), f"step {step}: {key}"
+
+
+# --- TRL knobs ---------------------------------------------------------------------------------------------------
+
+
+def test_sync_ref_model_moves_the_reference_at_sync_steps(tiny_models, zen_dataset, tmp_path):
+    """TR-DPO (TRL's SyncRefModelCallback, inherited): at step 2 of sync_steps = 2 the reference becomes
+    alpha * policy + (1 - alpha) * reference, and the reference log-probs GPO uses change then, and only then."""
+    from transformers import TrainerCallback
+
+    alpha = 0.6
+    args = GPOConfig(output_dir=str(tmp_path), sync_ref_model=True, ref_model_sync_steps=2,
+                     ref_model_mixup_alpha=alpha, **cpu_args(max_steps=3))
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset)
+    batch = first_batch(trainer)
+    name = "model.embed_tokens.weight"
+
+    def reference_logps():
+        with torch.no_grad():
+            return torch.cat(trainer._reference_logps(trainer.model, batch))
+
+    initial_ref = dict(trainer.ref_model.named_parameters())[name].detach().clone()
+    seen = [reference_logps()]
+    weights = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(reference_logps())
+            weights[state.global_step] = (dict(trainer.model.named_parameters())[name].detach().clone(),
+                                          dict(trainer.ref_model.named_parameters())[name].detach().clone())
+
+    trainer.add_callback(Record())  # after TRL's sync callback, so it sees the synced reference
+    trainer.train()
+    assert torch.equal(seen[1], seen[0])  # step 1: no sync
+    assert not torch.allclose(seen[2], seen[1])  # step 2: synced
+    assert torch.equal(seen[3], seen[2])  # step 3: no sync
+    policy, ref = weights[2]
+    torch.testing.assert_close(ref, alpha * policy + (1 - alpha) * initial_ref)
+    assert torch.equal(weights[1][1], initial_ref)
+
+
+def test_pad_to_multiple_of_pads_packed_rows_and_keeps_the_loss(tiny_models, zen_dataset, tmp_path):
+    """TRL pads its padded batches to the multiple; the packed collator now pads its rows too, exactly."""
+    from test_packing import build, loss_and_grads
+
+    padded = build(tiny_models["llama"], zen_dataset, tmp_path / "p")
+    rows = [dict(row) for row in padded.train_dataset.select(range(6))]
+    packed = build(tiny_models["llama"], zen_dataset, tmp_path / "q", padding_free=True, pad_to_multiple_of=48)
+    batch = packed.data_collator(rows)
+    assert batch["input_ids"].size(1) % 48 == 0
+    unpadded = build(tiny_models["llama"], zen_dataset, tmp_path / "u", padding_free=True).data_collator(rows)
+    assert batch["input_ids"].size(1) > unpadded["input_ids"].size(1)  # the multiple added padding here
+    expected, _, _ = loss_and_grads(padded, "logistic", rows)
+    got, _, _ = loss_and_grads(packed, "logistic", rows)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
