@@ -4,6 +4,8 @@ Every expected value is recomputed here from the model's own logits (log_softmax
 fused LM head and of GPOTrainer's code, or compared with TRL's DPOTrainer on the same batches.
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,3 +228,79 @@ def test_pad_to_multiple_of_pads_packed_rows_and_keeps_the_loss(tiny_models, zen
     expected, _, _ = loss_and_grads(padded, "logistic", rows)
     got, _, _ = loss_and_grads(packed, "logistic", rows)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# --- Every DPOConfig key is honoured or refused -----------------------------------------------------------------------
+
+# DPOConfig's own keys (beyond transformers' TrainingArguments) that GPOTrainer honours, and where.
+HONOURED = {
+    "model_init_kwargs": "TRL's model loading (GPOTrainer runs DPOTrainer.__init__); the recipe sets it",
+    "trust_remote_code": "TRL's model and processor loading",
+    "router_aux_loss_coef": "GPOTrainer._compute_loss adds the MoE router loss like TRL (not exercised here: no MoE)",
+    "disable_dropout": "TRL's __init__",
+    "dataset_num_proc": "TRL's _prepare_dataset (GPOTrainer calls it)",
+    "max_length": "TRL's collator; the packed rows' capacity (test_packing)",
+    "truncation_mode": "TRL's collator; prefix_sharing refuses keep_end (test_packing)",
+    "padding_free": "gpo_trl.packing (test_packing)",
+    "pad_to_multiple_of": "TRL's collator; the packed collator (test_pad_to_multiple_of_...)",
+    "precompute_ref_log_probs": "TRL's precompute behind gpo_trl.refcache (test_trainer, test_refcache)",
+    "precompute_ref_batch_size": "TRL's __init__ passes it to the precompute",
+    "beta": "the loss's beta (test_trainer)",
+    "activation_offloading": "TRL's training_step (GPOTrainer.training_step calls it)",
+    "sync_ref_model": "TRL's SyncRefModelCallback (test_sync_ref_model_...)",
+    "ref_model_mixup_alpha": "TRL's SyncRefModelCallback (test_sync_ref_model_...)",
+    "ref_model_sync_steps": "TRL's SyncRefModelCallback (test_sync_ref_model_...)",
+    "pad_token": "TRL's collator (deprecated in TRL)",
+}
+# Refused keys: a non-default value and the error it must raise.
+REFUSED = {
+    "loss_type": (["ipo"], "TRL's loss selector"),
+    "loss_weights": ([1.0], "has no effect in GPOTrainer"),
+    "ld_alpha": (0.5, "down-weights the log-probs of the tokens past the shorter completion"),
+    "f_divergence_type": ("forward_kl", "reverse-KL"),
+    "f_alpha_divergence_coef": (0.3, "alpha_divergence, which GPO refuses"),
+    "label_smoothing": (0.1, "gpo_loss_kwargs: {label_smoothing: e}"),
+    "use_weighting": (True, "WPO"),
+    "discopop_tau": (0.1, "gpo_loss_kwargs: {tau: ...}"),
+}
+
+
+def test_every_dpo_config_key_is_honoured_or_refused():
+    """Fails when TRL adds a DPOConfig key that is neither listed as honoured nor refused."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    own = {f.name for f in fields(DPOConfig)} - {f.name for f in fields(TrainingArguments)}
+    assert own == set(HONOURED) | set(REFUSED), own ^ (set(HONOURED) | set(REFUSED))
+    assert not set(HONOURED) & set(REFUSED)
+
+
+@pytest.mark.parametrize("key", list(REFUSED))
+def test_refused_dpo_config_keys_say_why(key, tmp_path):
+    value, message = REFUSED[key]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GPOConfig(output_dir=str(tmp_path), **cpu_args(**{key: value}))
+
+
+# --- Recipe keys from TRL's ScriptArguments ----------------------------------------------------------------------
+
+
+def test_recipe_refuses_dataset_streaming(tmp_path):
+    from test_config import write_recipe
+
+    from gpo_trl.recipe import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match="`dataset_streaming: true` is not supported by the GPO recipe"):
+        parse_args(["--config", write_recipe(tmp_path, dataset_streaming=True)])
+
+
+def test_ignore_bias_buffers_lists_the_bool_buffers_for_ddp():
+    from gpo_trl.recipe import ignore_bool_buffers
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.register_buffer("causal_bias", torch.ones(2, 2, dtype=torch.bool))
+    model[0].register_buffer("mask", torch.zeros(2, dtype=torch.bool))
+    model.register_buffer("scale", torch.ones(1))
+    ignore_bool_buffers(model)
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == ["0.mask", "causal_bias"]
