@@ -304,3 +304,61 @@ def test_ignore_bias_buffers_lists_the_bool_buffers_for_ddp():
     model.register_buffer("scale", torch.ones(1))
     ignore_bool_buffers(model)
     assert sorted(model._ddp_params_and_buffers_to_ignore) == ["0.mask", "causal_bias"]
+
+
+# --- Recipe data path: TRL's per-row chat-template columns ---------------------------------------------------------
+
+TOOL = {"type": "function", "function": {"name": "get_time", "description": "Current time.",
+                                         "parameters": {"type": "object", "properties": {}}}}
+
+
+def write_rows(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_tools_column_reaches_trl_tokenization(tiny_models, tmp_path):
+    """A `tools` column survives the recipe's data path and changes the tokenised prompt (TRL renders it)."""
+    import json
+
+    from test_data import build
+
+    from conftest import DATA, read_jsonl
+    from transformers import AutoTokenizer
+
+    rows = read_jsonl(DATA / "zen_conversational_preference" / "train.jsonl")[:4]
+    rows = [{**row, "tools": json.dumps([TOOL]) if i % 2 == 0 else None} for i, row in enumerate(rows)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokenizer.chat_template = "{% if tools %}<|system|>tools: {{ tools | length }}\n{% endif %}" + tokenizer.chat_template
+    train, _, _ = build({"data_files": write_rows(tmp_path / "tools.jsonl", rows)}, tokenizer=tokenizer,
+                        max_length=64)
+    assert train.column_names == ["prompt", "chosen", "rejected", "tools"]
+    args = GPOConfig(output_dir=str(tmp_path / "out"), **cpu_args())
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=train, processing_class=tokenizer,
+                         peft_config=lora_config())
+    prompts = trainer.train_dataset["prompt_ids"]
+
+    def prompt_ids(row, **kwargs):
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, **kwargs)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    assert len(prompt_ids(rows[0], tools=[TOOL])) > len(prompt_ids(rows[0]))
+    assert prompts[0] == prompt_ids(rows[0], tools=[TOOL])  # row 0 has tools
+    assert prompts[1] == prompt_ids(rows[1])  # row 1 has none
+
+
+def test_recipe_data_refuses_images_and_partial_template_columns(tmp_path):
+    from test_data import build
+
+    from conftest import DATA, read_jsonl
+    from gpo_trl.data import DataError
+
+    rows = read_jsonl(DATA / "zen_standard_preference" / "train.jsonl")[:3]
+    with pytest.raises(DataError, match="column 'images' holds images"):
+        build({"data_files": write_rows(tmp_path / "img.jsonl", [{**r, "images": []} for r in rows])})
+    with_kwargs = write_rows(tmp_path / "a.jsonl", [{**r, "chat_template_kwargs": {"x": 1}} for r in rows])
+    without = write_rows(tmp_path / "b.jsonl", rows)
+    with pytest.raises(DataError, match="Only some sources of the mixture have a 'chat_template_kwargs' column"):
+        build({"data_files": with_kwargs}, {"data_files": without})
