@@ -276,9 +276,10 @@ def evaluate_adapter(adapter_path: str, script_args, training_args, model_args, 
     print(summarize(reports))
     if (Path(adapter_path) / "adapter_config.json").is_file():
         model, ref_model = AutoPeftModelForCausalLM.from_pretrained(adapter_path), None
-    else:  # a full fine-tune: the reference is the base model named in the recipe
+    else:  # a full fine-tune: the reference is the base model named in the recipe (none when reference-free)
         model = AutoModelForCausalLM.from_pretrained(adapter_path)
-        ref_model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        ref_model = (AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+                     if training_args.gpo_reference == "model" else None)
     trainer = GPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=eval_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer)
     if ref_model is None and "ref" in trainer.model.peft_config:

@@ -92,6 +92,10 @@ def test_reference_free_refuses_what_needs_a_reference(tiny_models, zen_dataset,
             GPOConfig(output_dir=str(tmp_path), gpo_reference="none", **cpu_args(**{key: True}))
     with pytest.raises(ValueError, match="`gpo_reference` must be one of"):
         GPOConfig(output_dir=str(tmp_path), gpo_reference="base", **cpu_args())
+    with pytest.raises(ValueError, match=r"`sft_coef` must be >= 0"):
+        GPOConfig(output_dir=str(tmp_path), sft_coef=-0.1, **cpu_args())
+    with pytest.raises(ValueError, match="`gpo_margin` must be a finite number"):
+        GPOConfig(output_dir=str(tmp_path), gpo_margin=float("inf"), **cpu_args())
     from transformers import AutoModelForCausalLM
 
     args = GPOConfig(output_dir=str(tmp_path), gpo_reference="none", **cpu_args())
