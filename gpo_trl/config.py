@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
@@ -227,7 +228,7 @@ class GPOConfig(DPOConfig):
             raise ValueError(f"`gpo_reference` must be one of {list(REFERENCES)}, got {self.gpo_reference!r}.")
         for name in ("gpo_margin", "sft_coef"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if self.sft_coef < 0:
             raise ValueError(f"`sft_coef` must be >= 0 (0 disables the SFT term), got {self.sft_coef!r}.")
@@ -264,8 +265,8 @@ class GPOConfig(DPOConfig):
         reference = get_loss(self.beta_calibration)
         for which in (reference, loss):
             if which.d1_at_0 >= 0:
-                raise ValueError(f"`beta_calibration` is undefined with {which.name!r}: f'(0) = {which.d1_at_0:g} >= 0, "
-                                 "so c_f is not an offline-regularisation strength. Unset `beta_calibration`.")
+                raise ValueError(f"`beta_calibration` is undefined with {which.name!r}: f'(0) = {which.d1_at_0:g} "
+                                 ">= 0, so c_f is not an offline-regularisation strength. Unset `beta_calibration`.")
             if which.c_f <= 0:
                 raise ValueError(
                     f"`beta_calibration` is undefined with {which.name!r}: its c_f = f''(0) / 2|f'(0)| is "

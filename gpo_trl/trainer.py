@@ -21,9 +21,9 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
-from trl.trainer import dpo_trainer as trl_dpo_trainer
 from trl.data_utils import maybe_extract_prompt
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import dpo_trainer as trl_dpo_trainer
 from trl.trainer.utils import use_adapter
 
 from . import auxiliary, packing, refcache
@@ -218,7 +218,8 @@ class GPOTrainer(DPOTrainer):
         scaled_margin = self.beta * rho - self.args.gpo_margin  # t = beta * rho - gamma
         loss = self.gpo_loss(scaled_margin).mean()
         if self.args.sft_coef:
-            loss = loss + self.args.sft_coef * self._sft_loss(mode, outputs.log_probs[:, -token_mask.size(1) :], token_mask)
+            per_token_logps = outputs.log_probs[:, -token_mask.size(1) :]
+            loss = loss + self.args.sft_coef * self._sft_loss(mode, per_token_logps, token_mask)
         if self.aux_rewards:
             mean_token_logps = logps / token_mask.sum(dim=1).clamp(min=1)  # (2B,) log pi(y|x) / |y|
             loss = loss + self.args.aux_coef * self._auxiliary_loss(mode, mean_token_logps, inputs)

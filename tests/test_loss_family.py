@@ -104,6 +104,11 @@ def test_reference_free_refuses_what_needs_a_reference(tiny_models, zen_dataset,
             tiny_models["llama"]), args=args, train_dataset=zen_dataset)
 
 
+def test_beta_calibration_refuses_a_loss_rising_at_zero(tmp_path):
+    with pytest.raises(ValueError, match="undefined with 'discopop': f'\\(0\\) = 0.784"):
+        GPOConfig(output_dir=str(tmp_path), gpo_loss="discopop", beta_calibration="logistic", **cpu_args())
+
+
 def test_margin_gamma_enters_inside_f(tiny_models, zen_dataset, tmp_path):
     """With a reference and a fresh adapter rho = 0, so the first loss is f(-gamma) = log(1 + e^gamma)."""
     trainer = run(GPOTrainer, GPOConfig, tiny_models["llama"], zen_dataset, tmp_path, peft=True, gpo_margin=1.5,
@@ -159,7 +164,8 @@ TRL_PARITY = {
                dict(loss_type="robust", label_smoothing=0.2)),
     "exo_pair": (dict(gpo_loss="exo_pair", gpo_loss_kwargs={"label_smoothing": 1e-3}),
                  dict(loss_type="exo_pair", label_smoothing=1e-3)),
-    "discopop": (dict(gpo_loss="discopop", gpo_loss_kwargs={"tau": 0.05}), dict(loss_type="discopop", discopop_tau=0.05)),
+    "discopop": (dict(gpo_loss="discopop", gpo_loss_kwargs={"tau": 0.05}),
+                 dict(loss_type="discopop", discopop_tau=0.05)),
     "sigmoid_norm": (dict(gpo_loss="logistic", gpo_length_normalize=True), dict(loss_type="sigmoid_norm")),
 }
 
@@ -335,7 +341,8 @@ def test_tools_column_reaches_trl_tokenization(tiny_models, tmp_path):
     rows = read_jsonl(DATA / "zen_conversational_preference" / "train.jsonl")[:4]
     rows = [{**row, "tools": json.dumps([TOOL]) if i % 2 == 0 else None} for i, row in enumerate(rows)]
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    tokenizer.chat_template = "{% if tools %}<|system|>tools: {{ tools | length }}\n{% endif %}" + tokenizer.chat_template
+    tools_prefix = "{% if tools %}<|system|>tools: {{ tools | length }}\n{% endif %}"
+    tokenizer.chat_template = tools_prefix + tokenizer.chat_template
     train, _, _ = build({"data_files": write_rows(tmp_path / "tools.jsonl", rows)}, tokenizer=tokenizer,
                         max_length=64)
     assert train.column_names == ["prompt", "chosen", "rejected", "tools"]
