@@ -61,6 +61,24 @@ def test_simpo_loss_value_matches_its_formula(peft, tiny_models, zen_dataset, tm
     assert batch_loss(trainer, batch) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("loss, kwargs", [("hinge", {}), ("custom_losses:smoothed_hinge", {"margin": 2.0})])
+def test_reference_free_works_with_any_loss(loss, kwargs, tiny_models, zen_dataset, tmp_path):
+    """A built-in and a user's import-path loss, summed log-probs: the loss is f(beta * (log pi_w - log pi_l) - gamma)
+    with f written out here."""
+    beta, gamma = 0.1, 0.3
+    args = GPOConfig(output_dir=str(tmp_path), gpo_reference="none", beta=beta, gpo_margin=gamma, gpo_loss=loss,
+                     gpo_loss_kwargs=kwargs, **cpu_args())
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset,
+                         peft_config=lora_config())
+    batch = first_batch(trainer)
+    logps, _ = completion_logps(trainer.model, batch)
+    chosen, rejected = logps.sum(1).chunk(2)
+    t = beta * (chosen - rejected) - gamma
+    f = {"hinge": lambda t: torch.clamp(1 - t, min=0), "custom_losses:smoothed_hinge":
+         lambda t: torch.log1p(torch.exp(4 * (2.0 - t))) / 4}[loss]
+    assert batch_loss(trainer, batch) == pytest.approx(f(t).mean().item(), rel=1e-5)
+
+
 def test_reference_free_runs_no_reference_pass(tiny_models, zen_dataset, tmp_path):
     """LoRA: one forward per step (the reference pass would be a second, adapter-disabled forward of the same
     model; the control run with a reference shows the counter sees it). Full fine-tune: no reference model loaded."""
