@@ -117,9 +117,11 @@ def test_reference_free_refuses_what_needs_a_reference(tiny_models, zen_dataset,
     from transformers import AutoModelForCausalLM
 
     args = GPOConfig(output_dir=str(tmp_path), gpo_reference="none", **cpu_args())
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     with pytest.raises(ValueError, match="a `ref_model` was passed"):
-        GPOTrainer(model=str(tiny_models["llama"]), ref_model=AutoModelForCausalLM.from_pretrained(
-            tiny_models["llama"]), args=args, train_dataset=zen_dataset)
+        GPOTrainer(model=str(tiny_models["llama"]), ref_model=model, args=args, train_dataset=zen_dataset)
+    # A model passed as an instance, full fine-tune: still no reference copy
+    assert GPOTrainer(model=model, args=args, train_dataset=zen_dataset).ref_model is None
 
 
 def test_beta_calibration_refuses_a_loss_rising_at_zero(tmp_path):
