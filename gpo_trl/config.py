@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
@@ -16,11 +17,16 @@ from .packing import PACKING_STRATEGIES
 # value would be silently ignored: refuse it instead, and say what to use.
 _TRL_LOSS_ONLY_KNOBS = {
     "loss_weights": (None, "GPO trains one loss f; combine losses in your own f and name it in `gpo_loss`"),
-    "ld_alpha": (None, "length-desensitised DPO is not part of GPO; use `gpo_length_normalize: true` instead"),
+    "ld_alpha": (None, "LD-DPO down-weights the log-probs of the tokens past the shorter completion's length; GPO "
+                 "sums every token, or averages them with `gpo_length_normalize: true`, which is a different margin"),
     "f_divergence_type": ("reverse_kl", "GPO uses the reverse-KL log-ratio margin"),
     "use_weighting": (False, "WPO weighting is not part of GPO"),
-    "label_smoothing": (0.0, "label smoothing belongs to TRL's robust/exo/aot losses; write it into your own f"),
+    "f_alpha_divergence_coef": (0.5, "it is read only with f_divergence_type: alpha_divergence, which GPO refuses"),
+    "discopop_tau": (0.05, "set it on the loss: `gpo_loss: discopop` with `gpo_loss_kwargs: {tau: ...}`"),
+    "label_smoothing": (0.0, "set it on the loss: `gpo_loss: robust` or `exo_pair` with `gpo_loss_kwargs: "
+                        "{label_smoothing: e}`"),
 }
+REFERENCES = ("model", "none")
 
 
 class CalibrationError(ValueError):
@@ -46,6 +52,15 @@ class GPOConfig(DPOConfig):
             Keyword arguments passed to f with every call.
         gpo_length_normalize (`bool`, *optional*, defaults to `False`):
             Use the per-token average of each completion's log-ratio instead of its sum (as TRL's IPO does).
+        gpo_reference (`str`, *optional*, defaults to `"model"`):
+            `model`: rho is the margin of log-ratios against the reference model (DPO's). `none`: reference-free,
+            the reference log-probs are taken as 0, so no reference model is loaded and no reference pass runs
+            (with `gpo_length_normalize` and logistic f this is SimPO).
+        gpo_margin (`float`, *optional*, defaults to `0.0`):
+            gamma, a target margin subtracted inside f: the loss is f(beta * rho - gamma) (SimPO's gamma).
+        sft_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of an SFT term added to the GPO loss: the NLL of the chosen completions, averaged over their
+            tokens in the batch (TRL's `sft` loss; RPO's alpha). Logged as `gpo/sft_loss`; 0 disables it.
         beta_calibration (`str`, *optional*):
             Name of a reference loss g. When set, f runs at `beta * c_g / c_f`, the beta that gives f the
             offline-regularisation strength g has at `beta` (c_f = f''(0) / 2|f'(0)|).
@@ -96,6 +111,20 @@ class GPOConfig(DPOConfig):
     gpo_length_normalize: bool = field(
         default=False,
         metadata={"help": "Average each completion's log-ratio over its tokens instead of summing (IPO-style)."},
+    )
+    gpo_reference: str = field(
+        default="model",
+        metadata={"help": "model: log-ratios against the reference model (DPO); none: reference-free, reference "
+                  "log-probs taken as 0 and no reference pass (SimPO with gpo_length_normalize).",
+                  "choices": list(REFERENCES)},
+    )
+    gpo_margin: float = field(
+        default=0.0, metadata={"help": "gamma, the target margin: the loss is f(beta * rho - gamma) (SimPO's gamma)."}
+    )
+    sft_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the chosen completions' per-token NLL added to the GPO loss (RPO's alpha); "
+                  "logged as gpo/sft_loss. 0 disables it."},
     )
     beta_calibration: str | None = field(
         default=None,
@@ -161,6 +190,7 @@ class GPOConfig(DPOConfig):
         loss = self.build_loss()  # validates the function now, before any model is loaded
         if self.beta_calibration is not None:
             self._check_calibration(loss)
+        self._check_reference_and_sft()
         self._check_auxiliary()
         self._check_batch_layout()
         if self.on_nonfinite not in NONFINITE_POLICIES:
@@ -198,6 +228,21 @@ class GPOConfig(DPOConfig):
             raise ValueError(f"`aux_coef={self.aux_coef}` needs `aux_rewards` to optimise; add rewards or set 0.")
         probe(self.build_aux_rewards())  # a reward that raises or returns a non-number fails here, not at step 500
 
+    def _check_reference_and_sft(self):
+        if self.gpo_reference not in REFERENCES:
+            raise ValueError(f"`gpo_reference` must be one of {list(REFERENCES)}, got {self.gpo_reference!r}.")
+        for name in ("gpo_margin", "sft_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if self.sft_coef < 0:
+            raise ValueError(f"`sft_coef` must be >= 0 (0 disables the SFT term), got {self.sft_coef!r}.")
+        if self.gpo_reference == "none":
+            for name in ("precompute_ref_log_probs", "sync_ref_model"):
+                if getattr(self, name):
+                    raise ValueError(f"`{name}=True` needs a reference model, but `gpo_reference: none` uses none "
+                                     f"(no reference pass runs). Remove `{name}` or set `gpo_reference: model`.")
+
     def _check_batch_layout(self):
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"`packing_strategy` must be one of {list(PACKING_STRATEGIES)}, got {self.packing_strategy!r}.")
@@ -224,6 +269,9 @@ class GPOConfig(DPOConfig):
             )
         reference = get_loss(self.beta_calibration)
         for which in (reference, loss):
+            if which.d1_at_0 >= 0:
+                raise ValueError(f"`beta_calibration` is undefined with {which.name!r}: f'(0) = {which.d1_at_0:g} "
+                                 ">= 0, so c_f is not an offline-regularisation strength. Unset `beta_calibration`.")
             if which.c_f <= 0:
                 raise CalibrationError(
                     f"`beta_calibration` is undefined with {which.name!r}: its c_f = f''(0) / 2|f'(0)| is "

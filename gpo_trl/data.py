@@ -22,6 +22,7 @@ with `invalid_rows: error`; the counts are reported before training starts.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 SYSTEM = "system"  # optional column: a system message before the prompt (see `with_system_messages`)
+CHAT_TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # kept: TRL passes them to apply_chat_template
 ROLES = {"system", "user", "assistant", "tool"}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -132,7 +134,12 @@ def load_source(source: PreferenceSource, seed: int = 0) -> Dataset:
                 f"{source.label}: no {column!r} column (columns: {dataset.column_names}). Map yours with "
                 f"`column_map`, e.g. {{response_j: chosen, response_k: rejected}}."
             )
-    dataset = dataset.select_columns([c for c in (*PREFERENCE_COLUMNS, SYSTEM) if c in dataset.column_names])
+    images = [c for c in ("images", "image") if c in dataset.column_names]
+    if images:
+        raise DataError(f"{source.label}: column {images[0]!r} holds images, but the GPO recipe trains text models "
+                        "(it loads a tokenizer, not an image processor). Remove the column from the data.")
+    keep = (*PREFERENCE_COLUMNS, SYSTEM, *CHAT_TEMPLATE_COLUMNS)
+    dataset = dataset.select_columns([c for c in keep if c in dataset.column_names])
     if _needs_extraction(dataset):  # per source, so that a mixture never pairs a prompt-less row with None
         dataset = dataset.map(explicit_prompt, desc=f"Extracting prompts ({source.label})")
     if source.fraction is not None:
@@ -200,6 +207,11 @@ def mix(datasets: list[Dataset], sources: list[PreferenceSource]) -> Dataset:
     if len(kinds) > 1:
         raise DataError("The mixture combines conversational (message lists) and standard (string) sources; "
                         "convert them to one format first.")
+    for column in CHAT_TEMPLATE_COLUMNS:
+        having = [s.label for s, d in zip(sources, datasets) if column in d.column_names]
+        if having and len(having) < len(datasets):
+            raise DataError(f"Only some sources of the mixture have a {column!r} column ({having}); TRL applies it "
+                            "per row, so give every source the column (empty values are fine) or none.")
     datasets = one_schema(datasets, sources)
     weights = [s.weight for s in sources]
     if any(w is not None for w in weights):
@@ -461,9 +473,11 @@ def _prompts_filling(dataset: Dataset, tokenizer, max_length: int, skip: dict) -
         if index in skip:
             continue
         prompt = row["prompt"]
-        if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        if isinstance(prompt, list):  # with the row's tools and template kwargs, as TRL tokenizes it
+            tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, tools=tools,
+                                                **(row.get("chat_template_kwargs") or {}))
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding (a UserDict, not a dict)
         else:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) >= max_length:

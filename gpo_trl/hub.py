@@ -11,7 +11,8 @@ from pathlib import Path
 
 _KEY_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                         "gradient_accumulation_steps", "max_length", "lr_scheduler_type", "warmup_steps", "seed",
-                        "precompute_ref_log_probs", "gpo_length_normalize", "beta_calibration", "aux_coef",
+                        "precompute_ref_log_probs", "gpo_length_normalize", "gpo_reference", "gpo_margin", "sft_coef",
+                        "beta_calibration", "aux_coef",
                         "aux_rewards")
 
 
@@ -29,6 +30,9 @@ def model_card_section(trainer, datasets: list[str] | None) -> str:
              f"- GPO loss: `{loss.name}`, f(t) = `{loss.formula}` (f'(0) = {loss.d1_at_0:g}, f''(0) = {loss.d2_at_0:g}, "
              f"c_f = {loss.c_f:g})" + (f", kwargs `{json.dumps(loss.kwargs)}`" if loss.kwargs else ""),
              f"- beta = {args.beta:g}, effective beta = {trainer.beta:g}",
+             "- Reference: " + ("none (reference-free: the margin uses the policy's log-probs alone; no reference "
+                                "model was loaded and no reference pass ran)" if args.gpo_reference == "none" else
+                                "the reference model (log-ratios against it)"),
              "", "| hyperparameter | value |", "|---|---|"]
     lines += [f"| {key} | {getattr(getattr(args, key), 'value', getattr(args, key))} |" for key in _KEY_HYPERPARAMETERS]
     peft_config = _peft_config(trainer)

@@ -39,6 +39,7 @@ class _Entry:
     fn: LossFn
     formula: str
     convex: bool | None  # declared by the registrant; None means "measure it"
+    descends_at_zero: bool = True  # f'(0) < 0 required; False only for a registered loss shipped as published
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -73,11 +74,13 @@ class GPOLoss:
         return grad
 
 
-def register_loss(name: str, *, formula: str | None = None, convex: bool | None = None):
+def register_loss(name: str, *, formula: str | None = None, convex: bool | None = None,
+                  descends_at_zero: bool = True):
     """Decorator that registers `f(t: Tensor, **kwargs) -> Tensor` under `name`.
 
     `formula` defaults to the first line of the function's docstring. `convex` declares the function's convexity;
-    leave it `None` to have it measured numerically when the loss is built.
+    leave it `None` to have it measured numerically when the loss is built. `descends_at_zero=False` waives the
+    f'(0) < 0 check, for a published loss that rises at 0 for some kwargs (DiscoPOP).
     """
     if not _NAME_PATTERN.match(name):
         raise ValueError(f"Loss name {name!r} is invalid: use lowercase letters, digits and underscores.")
@@ -85,7 +88,8 @@ def register_loss(name: str, *, formula: str | None = None, convex: bool | None 
         raise ValueError(f"A loss named {name!r} is already registered; pick another name.")
 
     def decorator(fn: LossFn) -> LossFn:
-        _REGISTRY[name] = _Entry(fn=fn, formula=formula or _first_doc_line(fn, name), convex=convex)
+        _REGISTRY[name] = _Entry(fn=fn, formula=formula or _first_doc_line(fn, name), convex=convex,
+                                 descends_at_zero=descends_at_zero)
         return fn
 
     return decorator
@@ -149,7 +153,7 @@ def _validate(name: str, entry: _Entry, kwargs: dict) -> GPOLoss:
         raise ValueError(f"GPO loss {name!r} returned non-finite values on t in [-5, 5]: {out.tolist()}.")
 
     d1, d2 = _derivatives_at_zero(name, fn, kwargs)
-    if not d1 < 0:
+    if not d1 < 0 and entry.descends_at_zero:
         raise ValueError(
             f"GPO loss {name!r} has f'(0) = {d1:.6g}, but a GPO loss needs f'(0) < 0 so that minimising it "
             "increases the chosen-minus-rejected margin."
@@ -226,6 +230,50 @@ def savage(t: torch.Tensor) -> torch.Tensor:
     Written as sigmoid(-t)^2, which never overflows.
     """
     return torch.sigmoid(-t) ** 2
+
+
+# --- TRL 1.16's other losses of the margin alone (TRL loss_type of the same name; same expressions, for parity) ---
+
+
+@register_loss("robust", formula="[(1-e) log(1+e^-t) - e log(1+e^t)] / (1-2e)", convex=True)
+def robust(t: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Robust DPO (rDPO, e = label_smoothing in [0, 1/2)): unbiased under flip rate e. = logistic(t) - e t / (1-2e).
+
+    TRL loss_type="robust". Convex: logistic plus a linear term; f'(0) = -1/2 - e/(1-2e).
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust needs 0 <= label_smoothing < 0.5 (the assumed flip rate), got {label_smoothing}")
+    clean = -(1 - label_smoothing) * F.logsigmoid(t)
+    flipped = -label_smoothing * F.logsigmoid(-t)
+    return (clean - flipped) / (1 - 2 * label_smoothing)
+
+
+@register_loss("exo_pair", formula="KL(Bernoulli(sigmoid(t)) || Bernoulli(1-e))", convex=False)
+def exo_pair(t: torch.Tensor, label_smoothing: float = 1e-3) -> torch.Tensor:
+    """EXO-pref (e = label_smoothing in (0, 1/2), the EXO paper's 1e-3 by default): KL to the smoothed labels.
+
+    TRL loss_type="exo_pair". f'(0) = log(e / (1-e)) / 4. Minimum 0 at t = log((1-e)/e), from where it rises
+    back to -log(1-e) as t -> inf: bounded, so not convex (and past the minimum it pushes the margin down).
+    """
+    if not 0.0 < label_smoothing < 0.5:
+        raise ValueError(f"exo_pair needs 0 < label_smoothing < 0.5, got {label_smoothing}")
+    epsilon = torch.tensor(label_smoothing, device=t.device)
+    chosen = torch.sigmoid(t) * (F.logsigmoid(t) - torch.log1p(-epsilon))
+    rejected = torch.sigmoid(-t) * (F.logsigmoid(-t) - torch.log(epsilon))
+    return chosen + rejected
+
+
+@register_loss("discopop", formula="(1 - s) log(1 + e^-t) + s e^-t, s = sigmoid(t / tau)", convex=False,
+               descends_at_zero=False)
+def discopop(t: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """DiscoPOP (log-ratio modulated loss), tau = TRL's discopop_tau (default 0.05). TRL loss_type="discopop".
+
+    Not convex; f'(0) = -3/4 + (1 - ln 2) / (4 tau), > 0 for tau < 0.1023 (+0.78 at 0.05): near t = 0 it rises.
+    s e^-t is taken as exp(-t + logsigmoid(t / tau)), which stays finite (0) where TRL's product gives inf * 0.
+    """
+    if not tau > 0:
+        raise ValueError(f"discopop needs tau > 0, got {tau}")
+    return -F.logsigmoid(t) * torch.sigmoid(-t / tau) + torch.exp(-t + F.logsigmoid(t / tau))
 
 
 def loss_table() -> list[dict]:

@@ -111,6 +111,7 @@ class PackedPreferenceCollator:
     prefix_sharing: bool = False
     strategy: str = "bfd"
     row_length: int | None = None  # bin capacity for bfd (max_length); defaults to the longest unit
+    pad_to_multiple_of: int | None = None  # rows are padded to a multiple of this length (TRL's key)
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.padded_collator(examples)
@@ -134,6 +135,8 @@ class PackedPreferenceCollator:
 
     def _stack(self, rows: list[list[Unit]], width: int) -> dict:
         length = max(sum(len(unit) for unit in row) for row in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         columns = {"input_ids": [], "position_ids": [], "labels": [], "unpack_index": [], "document": [], "branch": []}
         for row in rows:
             pad = length - sum(len(unit) for unit in row)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate import PartialState
 from trl import ModelConfig, ScriptArguments, TrlParser
@@ -72,7 +73,17 @@ def parse_args(argv: list[str] | None = None):
         problems.append(f"Unexpected command-line values {cli_unknown}; options are written `--key value`.")
     if problems:
         raise ConfigError("\n".join(problems))
+    _check_script_args(parsed[0])
     return tuple(parsed)
+
+
+def _check_script_args(script_args):
+    if script_args.dataset_streaming:
+        raise ConfigError(
+            "`dataset_streaming: true` is not supported by the GPO recipe: it checks every row, mixes sources by "
+            "weight and holds out a split before any model is loaded, which needs the whole dataset. Remove it "
+            "(the dataset is then memory-mapped from the datasets cache, not held in memory)."
+        )
 
 
 def _check_config_file(argv: list[str]):
@@ -141,6 +152,8 @@ def main(script_args, training_args, model_args, dataset_args):
         peft_config=get_peft_config(model_args),
     )
     trainer.dataset_names = dataset_names(script_args, dataset_args)
+    if script_args.ignore_bias_buffers:
+        ignore_bool_buffers(trainer.model)
     before = trainer.evaluate() if eval_dataset is not None and script_args.eval_before_training else None
     trainer.train(resume_from_checkpoint=resume_point(training_args))
     if trainer.preemption.signal is not None:
@@ -155,6 +168,13 @@ def main(script_args, training_args, model_args, dataset_args):
         push(trainer)
     trainer.end()
     return trainer, before, after
+
+
+def ignore_bool_buffers(model):
+    """TRL's dpo script's `ignore_bias_buffers`: DDP skips syncing the model's bool buffers (causal-mask "bias"
+    buffers that break its broadcast, transformers#22482). DDP reads this attribute when it wraps the model."""
+    model._ddp_params_and_buffers_to_ignore = [name for name, buffer in model.named_buffers()
+                                               if buffer.dtype == torch.bool]
 
 
 def save_final(trainer, output_dir: str):
@@ -256,9 +276,10 @@ def evaluate_adapter(adapter_path: str, script_args, training_args, model_args, 
     print(summarize(reports))
     if (Path(adapter_path) / "adapter_config.json").is_file():
         model, ref_model = AutoPeftModelForCausalLM.from_pretrained(adapter_path), None
-    else:  # a full fine-tune: the reference is the base model named in the recipe
+    else:  # a full fine-tune: the reference is the base model named in the recipe (none when reference-free)
         model = AutoModelForCausalLM.from_pretrained(adapter_path)
-        ref_model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        ref_model = (AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+                     if training_args.gpo_reference == "model" else None)
     trainer = GPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=eval_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer)
     if ref_model is None and "ref" in trainer.model.peft_config:

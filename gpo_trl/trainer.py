@@ -23,6 +23,7 @@ from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 from trl.data_utils import maybe_extract_prompt
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import dpo_trainer as trl_dpo_trainer
 from trl.trainer.utils import use_adapter
 
 from . import auxiliary, packing, refcache
@@ -31,6 +32,29 @@ from .guards import NonFiniteError, PreemptionCallback, all_finite, nonfinite_me
 
 _AUX_COLUMNS = ("aux_reward_chosen", "aux_reward_rejected")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_AUX_COLUMNS}
+
+
+@contextlib.contextmanager
+def _reference_free_load(model):
+    """Keep TRL's __init__ from loading a reference copy of the policy (it does so without PEFT or a precompute).
+
+    TRL 1.16 loads through `create_model_from_path` twice at most, in this order: the policy (only when `model` is a
+    path), then the reference. The reference load is answered with None, which TRL treats as "no reference model".
+    """
+    load = trl_dpo_trainer.create_model_from_path
+    policy_loads = [model] if isinstance(model, str) else []
+
+    def load_policy_only(path, **kwargs):
+        if policy_loads:
+            policy_loads.pop()
+            return load(path, **kwargs)
+        return None
+
+    trl_dpo_trainer.create_model_from_path = load_policy_only
+    try:
+        yield
+    finally:
+        trl_dpo_trainer.create_model_from_path = load
 
 
 class GPOTrainer(DPOTrainer):
@@ -68,10 +92,16 @@ class GPOTrainer(DPOTrainer):
         self._padded_collator = None  # set once TRL has built it; TRL's __init__ precomputes with its own
         # TRL 1.16 turns `padding_free` off for DPO with a warning; GPO implements it (gpo_trl.packing)
         padding_free, args.padding_free = args.padding_free, False
+        if args.gpo_reference == "none" and ref_model is not None:
+            raise ValueError("`gpo_reference: none` trains reference-free, but a `ref_model` was passed. Drop the "
+                             "ref_model, or set `gpo_reference: model` to use it.")
         try:
-            super().__init__(model, ref_model, args, *pos, **kwargs)
+            with _reference_free_load(model) if args.gpo_reference == "none" else contextlib.nullcontext():
+                super().__init__(model, ref_model, args, *pos, **kwargs)
         finally:
             args.padding_free = padding_free
+        if args.gpo_reference == "none" and "ref" in getattr(self.model, "peft_config", {}):
+            self.model.delete_adapter("ref")  # TRL's frozen copy of a loaded adapter: a reference, never used here
         self.padding_free = padding_free
         self._padded_collator = self.data_collator  # TRL's; also used by the reference precompute
         if args.padding_free or args.prefix_sharing:
@@ -91,7 +121,8 @@ class GPOTrainer(DPOTrainer):
         self._attn_implementation = self.accelerator.unwrap_model(self.model).config._attn_implementation
         return packing.PackedPreferenceCollator(
             self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
-            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length)
+            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length,
+            pad_to_multiple_of=args.pad_to_multiple_of)
 
     @staticmethod
     def _check_model_for_batch_layout(model, args: GPOConfig, train_dataset, peft_config, compute_metrics):
@@ -184,8 +215,11 @@ class GPOTrainer(DPOTrainer):
         rejected_logratios = rejected_logps - ref_rejected_logps
 
         rho = self._margin(chosen_logratios, rejected_logratios, inputs["completion_mask"])
-        scaled_margin = self.beta * rho
+        scaled_margin = self.beta * rho - self.args.gpo_margin  # t = beta * rho - gamma
         loss = self.gpo_loss(scaled_margin).mean()
+        if self.args.sft_coef:
+            per_token_logps = outputs.log_probs[:, -token_mask.size(1) :]
+            loss = loss + self.args.sft_coef * self._sft_loss(mode, per_token_logps, token_mask)
         if self.aux_rewards:
             mean_token_logps = logps / token_mask.sum(dim=1).clamp(min=1)  # (2B,) log pi(y|x) / |y|
             loss = loss + self.args.aux_coef * self._auxiliary_loss(mode, mean_token_logps, inputs)
@@ -263,7 +297,16 @@ class GPOTrainer(DPOTrainer):
         metrics["aux/ess"].append(self._gather_mean(auxiliary.effective_sample_size(weights)))
         return loss
 
+    def _sft_loss(self, mode, per_token_logps, token_mask) -> torch.Tensor:
+        """NLL of the chosen completions, averaged over their tokens in the batch (TRL's `sft` loss), logged."""
+        chosen_logps, chosen_mask = per_token_logps.chunk(2)[0], token_mask.chunk(2)[0].bool()
+        nll = -chosen_logps[chosen_mask].mean()
+        self._metrics[mode]["gpo/sft_loss"].append(self._gather_mean(nll))
+        return nll
+
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.args.gpo_reference == "none":  # reference-free: log pi_ref taken as 0, no reference pass
+            return 0.0, 0.0
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         ref_model = self.ref_model if self.ref_model is not None else model

@@ -48,11 +48,12 @@ def test_derivatives_at_zero_match_the_closed_form(name):
 
 @pytest.mark.parametrize("name", available_losses())
 def test_every_registered_loss_is_a_usable_gpo_loss(name):
-    """Any registered f: f'(0) < 0 and matches a central finite difference; f'' likewise; finite at |t| = 1e4."""
+    """Any registered f: f'(0) < 0 (unless registered with descends_at_zero=False, DiscoPOP as published) and
+    matches a central finite difference; f'' likewise; finite at |t| = 1e4."""
     loss = get_loss(name)
     h = 1e-4
     f = lambda x: loss(torch.tensor([x], dtype=torch.float64)).item()  # noqa: E731
-    assert loss.d1_at_0 < 0
+    assert loss.d1_at_0 < 0 or (name == "discopop" and not _REGISTRY[name].descends_at_zero)
     assert loss.d1_at_0 == pytest.approx((f(h) - f(-h)) / (2 * h), abs=1e-6)
     assert loss.d2_at_0 == pytest.approx((f(h) - 2 * f(0.0) + f(-h)) / h**2, abs=1e-3)
     t = torch.tensor([-1e4, 1e4], requires_grad=True)
@@ -94,6 +95,44 @@ def test_finite_at_extreme_margins_and_exact_where_representable(name, dtype):
     rtol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(value.detach().double()[representable], exact.to(dtype).double()[representable],
                                rtol=rtol, atol=1e-30)
+
+
+# TRL's single-margin losses: closed forms of f'(0) (values are checked against TRL in test_loss_family.py)
+TRL_MARGIN_LOSSES = {
+    "robust": ({"label_smoothing": 0.2}, -0.5 - 0.2 / 0.6, True),
+    "exo_pair": ({"label_smoothing": 0.1}, math.log(0.1 / 0.9) / 4, False),
+    "discopop": ({"tau": 0.05}, -0.75 + (1 - math.log(2)) / 0.2, False),
+}
+
+
+@pytest.mark.parametrize("name", list(TRL_MARGIN_LOSSES))
+def test_trl_margin_losses_derivative_and_convexity(name):
+    kwargs, d1, convex = TRL_MARGIN_LOSSES[name]
+    loss = get_loss(name, **kwargs)
+    assert loss.d1_at_0 == pytest.approx(d1, rel=1e-6)
+    assert loss.convex is convex and measure_convexity(loss.fn, kwargs) is convex
+
+
+def test_robust_is_logistic_minus_a_linear_term():
+    """[(1-e) f(t) - e f(-t)] / (1-2e) with f(-t) = f(t) + t is f(t) - e t / (1-2e): convex, unbounded below."""
+    t = torch.linspace(-8, 8, 33, dtype=torch.float64)
+    expected = torch.log1p(torch.exp(-t)) - 0.2 * t / 0.6
+    torch.testing.assert_close(get_loss("robust", label_smoothing=0.2)(t), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_discopop_descends_at_zero_only_for_a_larger_tau():
+    assert get_loss("discopop").d1_at_0 > 0  # TRL's default tau = 0.05
+    assert get_loss("discopop", tau=0.2).d1_at_0 < 0
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("robust", {"label_smoothing": 0.5}, "0 <= label_smoothing < 0.5"),
+    ("exo_pair", {"label_smoothing": 0.0}, "0 < label_smoothing < 0.5"),
+    ("discopop", {"tau": 0.0}, "tau > 0"),
+])
+def test_trl_margin_losses_refuse_bad_kwargs(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_loss(name, **kwargs)
 
 
 def test_exponential_continuation_is_convex_and_c1():
