@@ -14,6 +14,9 @@ computed twice. Two layouts remove that work; they change how the tokens are lai
   rejected]. The last prompt token appears once per branch because its hidden state predicts the first completion
   token of *both* responses and a position holds one label. A 4D mask lets each branch see the shared prefix and
   itself but not the other branch; position ids of each branch continue from the prefix. The prompt is computed once.
+  With `attn_implementation: flex_attention` the same rule is a FlexAttention `BlockMask` built on the device from
+  per-token document and branch ids (`flex_block_mask`): no (L, L) mask is kept through the forward and backward,
+  and blocks no query may see are skipped (FlexAttention has no CPU backward, so the CPU uses the dense mask).
 
 Both together pack prefix-shared units into rows. Every completion token keeps its true predecessor immediately before
 it in the row, so the model's usual shifted labels still apply; the per-token outputs are then scattered back into the
@@ -101,8 +104,9 @@ class PackedPreferenceCollator:
     """Collates preference rows into packed and/or prefix-shared rows; see the module docstring.
 
     Output keys: `input_ids`, `position_ids`, `labels` (R, L); `unpack_index` (R, L-1), the flat position in the padded
-    (2B, T-1) layout of each scored token, -1 elsewhere; `attention_mask` (R, 1, L, L) bool, only with prefix sharing;
-    TRL's `completion_mask` (2B, T) and `ref_*_logps`; `sequence_lengths` (2B,).
+    (2B, T-1) layout of each scored token, -1 elsewhere; with prefix sharing `attention_mask` (R, 1, L, L) bool, or
+    with `block_mask` the (R, L) `mask_document` and `mask_branch` ids the trainer turns into a FlexAttention
+    BlockMask on the device; TRL's `completion_mask` (2B, T) and `ref_*_logps`; `sequence_lengths` (2B,).
     """
 
     padded_collator: object  # TRL's DataCollatorForPreference: truncation and the padded layout
@@ -111,6 +115,7 @@ class PackedPreferenceCollator:
     prefix_sharing: bool = False
     strategy: str = "bfd"
     row_length: int | None = None  # bin capacity for bfd (max_length); defaults to the longest unit
+    block_mask: bool = False  # prefix sharing for flex_attention: ids for flex_block_mask instead of the dense mask
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.padded_collator(examples)
@@ -155,7 +160,9 @@ class PackedPreferenceCollator:
             columns["branch"].append(torch.cat([u.branch for u in units]))
         out = {key: torch.stack(value) for key, value in columns.items()}
         document, branch = out.pop("document"), out.pop("branch")
-        if self.prefix_sharing:
+        if self.prefix_sharing and self.block_mask:
+            out["mask_document"], out["mask_branch"] = document, branch
+        elif self.prefix_sharing:
             out["attention_mask"] = branch_mask(document, branch)
         return out
 
@@ -168,6 +175,21 @@ def branch_mask(document: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     key_branch = branch[:, None, :]
     visible = (key_branch == 0) | (key_branch == branch[:, :, None])
     return (causal & same_unit & visible)[:, None]
+
+
+def flex_block_mask(document: torch.Tensor, branch: torch.Tensor):
+    """`branch_mask`'s rule as a FlexAttention BlockMask (R, 1, L, L), which transformers passes to flex_attention as
+    is. Only a transient (R, 1, L, L) bool tensor exists while the block layout is derived (1 byte per cell); the
+    forward and backward keep per-block indices, so their memory grows linearly with the row length."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def may_attend(row, head, query, key):
+        same_unit = document[row, query] == document[row, key]
+        visible = (branch[row, key] == 0) | (branch[row, key] == branch[row, query])
+        return (query >= key) & same_unit & visible
+
+    rows, length = document.shape
+    return create_block_mask(may_attend, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=document.device)
 
 
 def is_packed(inputs: dict) -> bool:
