@@ -41,7 +41,7 @@ def build(model_path, dataset, tmp_path, peft=True, quantization=None, **kwargs)
     generator = torch.Generator().manual_seed(1)
     for parameter in trainer.model.parameters():  # same random adapter in every trainer: policy != reference
         if parameter.requires_grad and peft:
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+            parameter.data = (torch.randn(parameter.shape, generator=generator) * 0.05).to(parameter)  # GPU too
     return trainer
 
 
