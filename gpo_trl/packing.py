@@ -15,8 +15,8 @@ computed twice. Two layouts remove that work; they change how the tokens are lai
   token of *both* responses and a position holds one label. A 4D mask lets each branch see the shared prefix and
   itself but not the other branch; position ids of each branch continue from the prefix. The prompt is computed once.
   With `attn_implementation: flex_attention` the same rule is a FlexAttention `BlockMask` built on the device from
-  per-token document and branch ids (`flex_block_mask`): no (L, L) mask is kept through the forward and backward,
-  and blocks no query may see are skipped (FlexAttention has no CPU backward, so the CPU uses the dense mask).
+  per-token document and branch ids (`flex_block_mask`): no (L, L) mask exists at any point, and tiles no query may
+  see are skipped (FlexAttention has no CPU backward, so the CPU uses the dense mask).
 
 Both together pack prefix-shared units into rows. Every completion token keeps its true predecessor immediately before
 it in the row, so the model's usual shifted labels still apply; the per-token outputs are then scattered back into the
@@ -177,11 +177,12 @@ def branch_mask(document: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     return (causal & same_unit & visible)[:, None]
 
 
-def flex_block_mask(document: torch.Tensor, branch: torch.Tensor):
+def flex_block_mask(document: torch.Tensor, branch: torch.Tensor, block_size: int = 128):
     """`branch_mask`'s rule as a FlexAttention BlockMask (R, 1, L, L), which transformers passes to flex_attention as
-    is. Only a transient (R, 1, L, L) bool tensor exists while the block layout is derived (1 byte per cell); the
-    forward and backward keep per-block indices, so their memory grows linearly with the row length."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    is. Memory stays linear in L: the rule is evaluated for one block of queries at a time (R x block x L cells) to
+    classify each (query block, key block) tile as empty, partial (the kernel applies the rule per cell) or full;
+    torch's `create_block_mask` would materialise the whole (R, 1, L, L) mask and its intermediates instead."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def may_attend(row, head, query, key):
         same_unit = document[row, query] == document[row, key]
@@ -189,7 +190,25 @@ def flex_block_mask(document: torch.Tensor, branch: torch.Tensor):
         return (query >= key) & same_unit & visible
 
     rows, length = document.shape
-    return create_block_mask(may_attend, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=document.device)
+    n_blocks = -(-length // block_size)
+    keys = torch.arange(length, device=document.device)
+    counts = []
+    for start in range(0, length, block_size):
+        queries = keys[start:start + block_size]
+        allowed = ((queries[:, None] >= keys) & (document[:, queries, None] == document[:, None, :])
+                   & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, queries, None])))  # (R, q, L)
+        allowed = torch.nn.functional.pad(allowed, (0, n_blocks * block_size - length))
+        counts.append(allowed.view(rows, len(queries), n_blocks, block_size).sum(dim=(1, 3)))
+    counts = torch.stack(counts, dim=1)  # (R, query blocks, key blocks): allowed cells per tile
+    full = counts == block_size * block_size
+    partial = (counts > 0) & ~full
+
+    def ordered(kind):  # per query block: how many tiles of this kind, and their key-block indices first
+        order = torch.argsort((~kind).to(torch.int8), dim=-1, stable=True)
+        return kind.sum(dim=-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=may_attend,
+                                    seq_lengths=(length, length))
 
 
 def is_packed(inputs: dict) -> bool:

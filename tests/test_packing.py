@@ -41,7 +41,7 @@ def build(model_path, dataset, tmp_path, peft=True, quantization=None, **kwargs)
     generator = torch.Generator().manual_seed(1)
     for parameter in trainer.model.parameters():  # same random adapter in every trainer: policy != reference
         if parameter.requires_grad and peft:
-            parameter.data = (torch.randn(parameter.shape, generator=generator) * 0.05).to(parameter)  # GPU too
+            parameter.data = (torch.randn(parameter.shape, generator=generator) * 0.05).to(parameter.device)
     return trainer
 
 
@@ -169,7 +169,7 @@ def test_unsupported_setups_are_refused_before_the_model_loads(hh_dataset, tmp_p
 def test_flex_block_mask_allows_exactly_what_the_dense_branch_mask_allows(tiny_models, hh_dataset, tmp_path):
     """The BlockMask for flex_attention encodes the dense mask's rule cell for cell, on real packed prefix-shared rows
     (padding tails included), and the collator hands the ids for it instead of the dense mask."""
-    from torch.nn.attention.flex_attention import create_mask
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
     padded = build(tiny_models["llama"], hh_dataset, tmp_path)
     rows = [padded.train_dataset[i] for i in range(BATCH)]
@@ -185,6 +185,14 @@ def test_flex_block_mask_allows_exactly_what_the_dense_branch_mask_allows(tiny_m
     assert block.shape == dense["attention_mask"].shape
     cells = create_mask(block.mask_mod, document.size(0), 1, document.size(1), document.size(1), device="cpu")
     assert torch.equal(cells, dense["attention_mask"])
+    # The tiles are classified as torch's own create_block_mask (dense evaluation) classifies them
+    reference = create_block_mask(block.mask_mod, document.size(0), None, document.size(1), document.size(1),
+                                  device="cpu", BLOCK_SIZE=16)
+    small = flex_block_mask(document, branch, block_size=16)  # small tiles: empty, partial and full ones all occur
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(small, name), getattr(reference, name)), name
+    assert torch.equal(small.to_dense(), reference.to_dense()) and (small.full_kv_num_blocks > 0).any()
+    assert (small.kv_num_blocks > 0).any() and (small.to_dense() == 0).any()
     assert torch.equal(branch_mask(document, branch), dense["attention_mask"])
 
 
