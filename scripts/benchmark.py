@@ -389,6 +389,8 @@ def layout_contenders(trainer, args) -> list[Contender]:
             padding_free=True, prefix_sharing=True, block_mask=True), **gpo))
     else:
         print("(CPU: the FlexAttention layout is left out, FlexAttention has no CPU backward; flash-attention needs CUDA)")
+    for contender in contenders:  # the kernels are switched before each step: the others run under sdpa
+        contender.attention = contender.attention or "sdpa"
     return contenders
 
 

@@ -20,6 +20,12 @@
 #                 have a CUDA torch, transformers, peft and accelerate. Without WHEELS: `pip install -e ".[test]"`.
 #   PYTEST_ARGS   extra pytest arguments (e.g. "-k fsdp2"); BENCH_ARGS replaces the benchmark's arguments.
 #
+# Through a session's device tool (offline, 10 minutes per command, 64 MiB carried): fill wheels/ (46 MB) and, for
+# ZeRO-3, wheels-ds/ (13 MB) here with the download stages, then run in separate commands, carrying the folder used:
+#   WHEELS=wheels bash scripts/gpu_check.sh env install tests          (carry wheels/; about 5-6 minutes, estimated)
+#   bash scripts/gpu_check.sh bench                                    (same warm machine)
+#   DEEPSPEED=1 DS_WHEELS=wheels-ds bash scripts/gpu_check.sh install slow   (carry wheels/ and wheels-ds/)
+#
 # Files in $OUT: environment.txt (nvidia-smi, versions), install.log, pytest-gpu.txt and pytest-gpu-slow.txt (+ junit
 # XML), measured.json (the differences and memory ratios each GPU test measured: the source of the bf16 tolerance),
 # benchmark-gpu.md/.json (also copied to docs/benchmark-gpu.md), summary.txt (the exit code of every stage).
