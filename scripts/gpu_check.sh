@@ -24,7 +24,7 @@
 # ZeRO-3, wheels-ds/ (13 MB) here with the download stages, then run in separate commands, carrying the folder used:
 #   WHEELS=wheels bash scripts/gpu_check.sh env install tests          (carry wheels/; about 5-6 minutes, estimated)
 #   bash scripts/gpu_check.sh bench                                    (same warm machine)
-#   DEEPSPEED=1 DS_WHEELS=wheels-ds bash scripts/gpu_check.sh install slow   (carry wheels/ and wheels-ds/)
+#   WHEELS=wheels DEEPSPEED=1 DS_WHEELS=wheels-ds bash scripts/gpu_check.sh install slow   (carry both)
 #
 # Files in $OUT: environment.txt (nvidia-smi, versions), install.log, pytest-gpu.txt and pytest-gpu-slow.txt (+ junit
 # XML), measured.json (the differences and memory ratios each GPU test measured: the source of the bf16 tolerance),
