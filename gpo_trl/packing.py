@@ -192,11 +192,11 @@ def flex_block_mask(document: torch.Tensor, branch: torch.Tensor, block_size: in
     rows, length = document.shape
     n_blocks = -(-length // block_size)
     keys = torch.arange(length, device=document.device)
+    row_index = torch.arange(rows, device=document.device)[:, None, None]
     counts = []
     for start in range(0, length, block_size):
         queries = keys[start:start + block_size]
-        allowed = ((queries[:, None] >= keys) & (document[:, queries, None] == document[:, None, :])
-                   & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, queries, None])))  # (R, q, L)
+        allowed = may_attend(row_index, None, queries[None, :, None], keys[None, None, :])  # (R, q, L), broadcast
         allowed = torch.nn.functional.pad(allowed, (0, n_blocks * block_size - length))
         counts.append(allowed.view(rows, len(queries), n_blocks, block_size).sum(dim=(1, 3)))
     counts = torch.stack(counts, dim=1)  # (R, query blocks, key blocks): allowed cells per tile
