@@ -14,6 +14,9 @@ computed twice. Two layouts remove that work; they change how the tokens are lai
   rejected]. The last prompt token appears once per branch because its hidden state predicts the first completion
   token of *both* responses and a position holds one label. A 4D mask lets each branch see the shared prefix and
   itself but not the other branch; position ids of each branch continue from the prefix. The prompt is computed once.
+  With `attn_implementation: flex_attention` the same rule is a FlexAttention `BlockMask` built on the device from
+  per-token document and branch ids (`flex_block_mask`): no (L, L) mask exists at any point, and tiles no query may
+  see are skipped (FlexAttention has no CPU backward, so the CPU uses the dense mask).
 
 Both together pack prefix-shared units into rows. Every completion token keeps its true predecessor immediately before
 it in the row, so the model's usual shifted labels still apply; the per-token outputs are then scattered back into the
@@ -101,8 +104,9 @@ class PackedPreferenceCollator:
     """Collates preference rows into packed and/or prefix-shared rows; see the module docstring.
 
     Output keys: `input_ids`, `position_ids`, `labels` (R, L); `unpack_index` (R, L-1), the flat position in the padded
-    (2B, T-1) layout of each scored token, -1 elsewhere; `attention_mask` (R, 1, L, L) bool, only with prefix sharing;
-    TRL's `completion_mask` (2B, T) and `ref_*_logps`; `sequence_lengths` (2B,).
+    (2B, T-1) layout of each scored token, -1 elsewhere; with prefix sharing `attention_mask` (R, 1, L, L) bool, or
+    with `block_mask` the (R, L) `mask_document` and `mask_branch` ids the trainer turns into a FlexAttention
+    BlockMask on the device; TRL's `completion_mask` (2B, T) and `ref_*_logps`; `sequence_lengths` (2B,).
     """
 
     padded_collator: object  # TRL's DataCollatorForPreference: truncation and the padded layout
@@ -112,6 +116,7 @@ class PackedPreferenceCollator:
     strategy: str = "bfd"
     row_length: int | None = None  # bin capacity for bfd (max_length); defaults to the longest unit
     pad_to_multiple_of: int | None = None  # rows are padded to a multiple of this length (TRL's key)
+    block_mask: bool = False  # prefix sharing for flex_attention: ids for flex_block_mask instead of the dense mask
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.padded_collator(examples)
@@ -158,7 +163,9 @@ class PackedPreferenceCollator:
             columns["branch"].append(torch.cat([u.branch for u in units]))
         out = {key: torch.stack(value) for key, value in columns.items()}
         document, branch = out.pop("document"), out.pop("branch")
-        if self.prefix_sharing:
+        if self.prefix_sharing and self.block_mask:
+            out["mask_document"], out["mask_branch"] = document, branch
+        elif self.prefix_sharing:
             out["attention_mask"] = branch_mask(document, branch)
         return out
 
@@ -171,6 +178,40 @@ def branch_mask(document: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     key_branch = branch[:, None, :]
     visible = (key_branch == 0) | (key_branch == branch[:, :, None])
     return (causal & same_unit & visible)[:, None]
+
+
+def flex_block_mask(document: torch.Tensor, branch: torch.Tensor, block_size: int = 128):
+    """`branch_mask`'s rule as a FlexAttention BlockMask (R, 1, L, L), which transformers passes to flex_attention as
+    is. Memory stays linear in L: the rule is evaluated for one block of queries at a time (R x block x L cells) to
+    classify each (query block, key block) tile as empty, partial (the kernel applies the rule per cell) or full;
+    torch's `create_block_mask` would materialise the whole (R, 1, L, L) mask and its intermediates instead."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def may_attend(row, head, query, key):
+        same_unit = document[row, query] == document[row, key]
+        visible = (branch[row, key] == 0) | (branch[row, key] == branch[row, query])
+        return (query >= key) & same_unit & visible
+
+    rows, length = document.shape
+    n_blocks = -(-length // block_size)
+    keys = torch.arange(length, device=document.device)
+    row_index = torch.arange(rows, device=document.device)[:, None, None]
+    counts = []
+    for start in range(0, length, block_size):
+        queries = keys[start:start + block_size]
+        allowed = may_attend(row_index, None, queries[None, :, None], keys[None, None, :])  # (R, q, L), broadcast
+        allowed = torch.nn.functional.pad(allowed, (0, n_blocks * block_size - length))
+        counts.append(allowed.view(rows, len(queries), n_blocks, block_size).sum(dim=(1, 3)))
+    counts = torch.stack(counts, dim=1)  # (R, query blocks, key blocks): allowed cells per tile
+    full = counts == block_size * block_size
+    partial = (counts > 0) & ~full
+
+    def ordered(kind):  # per query block: how many tiles of this kind, and their key-block indices first
+        order = torch.argsort((~kind).to(torch.int8), dim=-1, stable=True)
+        return kind.sum(dim=-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=may_attend,
+                                    seq_lengths=(length, length))
 
 
 def is_packed(inputs: dict) -> bool:

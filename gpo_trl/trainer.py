@@ -122,7 +122,7 @@ class GPOTrainer(DPOTrainer):
         return packing.PackedPreferenceCollator(
             self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
             prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length,
-            pad_to_multiple_of=args.pad_to_multiple_of)
+            pad_to_multiple_of=args.pad_to_multiple_of, block_mask=self._attn_implementation == "flex_attention")
 
     @staticmethod
     def _check_model_for_batch_layout(model, args: GPOConfig, train_dataset, peft_config, compute_metrics):
@@ -143,10 +143,13 @@ class GPOTrainer(DPOTrainer):
             attention = (args.model_init_kwargs or {}).get("attn_implementation") or "sdpa"  # transformers' default
         else:
             attention = model.config._attn_implementation
-        if args.prefix_sharing and attention not in ("sdpa", "eager"):
+        if args.prefix_sharing and attention not in ("sdpa", "eager", "flex_attention"):
             raise ValueError(f"`prefix_sharing` needs a custom 4D attention mask, which attn_implementation={attention!r} "
-                             "does not take. Load the model with attn_implementation 'sdpa' or 'eager', or use "
-                             "`padding_free` alone (it works with flash-attention).")
+                             "does not take. Load the model with attn_implementation 'flex_attention' (GPU), 'sdpa' or "
+                             "'eager', or use `padding_free` alone (it works with flash-attention).")
+        if args.prefix_sharing and attention == "flex_attention" and (args.use_cpu or not torch.cuda.is_available()):
+            raise ValueError("`prefix_sharing` with attn_implementation='flex_attention' needs a GPU: FlexAttention has "
+                             "no backward pass on the CPU (torch). Use attn_implementation 'sdpa' on the CPU.")
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card, plus a GPO section: loss and formula, beta, hyperparameters, final metrics, loading snippet."""
@@ -249,6 +252,8 @@ class GPOTrainer(DPOTrainer):
         kwargs = {key: inputs[key] for key in ("input_ids", "position_ids", "labels")}
         if "attention_mask" in inputs:  # prefix sharing: the branch mask
             kwargs["attention_mask"] = packing.model_attention_mask(inputs["attention_mask"], self._attn_implementation)
+        elif "mask_document" in inputs:  # prefix sharing under flex_attention: the same rule as a BlockMask
+            kwargs["attention_mask"] = packing.flex_block_mask(inputs["mask_document"], inputs["mask_branch"])
         return kwargs
 
     def _forward(self, model, inputs, fields=("log_probs", "entropy", "mean_logits", "is_top1"), **kwargs):

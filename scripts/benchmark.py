@@ -2,6 +2,15 @@
 
     python scripts/benchmark.py --json runs/benchmark.json          # hh-rlhf sample, 4-layer 256-wide Llama, CPU
     python scripts/benchmark.py --parts layouts --steps 6          # only the batch layouts
+    python scripts/benchmark.py --device cuda --scale qwen2.5-0.5b --markdown docs/benchmark-gpu.md   # on a GPU
+
+`--scale qwen2.5-0.5b` (or `qwen2.5-1.5b`) is the realistic mode: the model is built from that model's config shape
+with random weights (nothing is downloaded), its real 151936-row LM head, a byte-level BPE trained on the hh-rlhf
+sample (`--tokenizer_corpus`, target `--vocab_size` 32000; the size reached is reported), batch 8, max_length 1024,
+bfloat16, and the `layouts` part for LoRA and full fine-tuning, with the attention kernels of each layout: packed
+under sdpa and flash-attention (when flash_attn is installed), prefix-shared under the dense mask (sdpa) and under
+FlexAttention (CUDA only: FlexAttention has no CPU backward). `--markdown FILE` writes the tables with the device,
+the versions and the command.
 
 Part `losses`: TRL's DPO (`loss_type="sigmoid"`) and GPOTrainer with every built-in loss, for full fine-tuning and
 LoRA, with and without precomputed reference log-probs, plus the floor: one forward+backward of the policy alone on
@@ -45,12 +54,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import gzip  # noqa: E402
+import importlib.metadata  # noqa: E402
+import platform  # noqa: E402
+
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: E402
+from transformers.utils import is_flash_attn_2_available  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from gpo_trl import GPOConfig, GPOTrainer, available_losses, get_loss  # noqa: E402
@@ -61,6 +75,20 @@ from gpo_trl.packing import PackedPreferenceCollator, is_packed, pair_units, seq
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "tests" / "data" / "hh_rlhf_harmless_base_head300.jsonl"
+# The full hh-rlhf sample (2312 rows) where the checkout has the shared data next to it, for the realistic tokenizer
+SHARED_CORPUS = [REPO / "shared" / "data" / "hh_rlhf_harmless_base" / "test.jsonl.gz",
+                 REPO.parent / "shared" / "data" / "hh_rlhf_harmless_base" / "test.jsonl.gz"]
+# Model shapes (from the public configs of these models; random weights). `toy` is the CPU benchmark's.
+SCALES = {
+    "toy": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
 
 
 class PeakMemory:
@@ -92,6 +120,7 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if torch.cuda.is_available():
+            torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
         else:
             self._running = False
@@ -111,16 +140,47 @@ def _mallopt(parameter: int, value: int):
     _libc().mallopt(parameter, value)
 
 
-def build_model(path: Path, texts: list[str], seed: int) -> Path:
-    tokenizer = build_tokenizer(texts, vocab_size=1024)
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688,
-                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                  max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+def build_model(path: Path, texts: list[str], args) -> Path:
+    """A random-init model of `args.scale`'s shape and a BPE tokenizer trained on `texts`, saved to `path`."""
+    tokenizer = build_tokenizer(texts, vocab_size=args.vocab_size)
+    shape = dict(SCALES[args.scale])
+    shape.setdefault("vocab_size", len(tokenizer))  # realistic scales keep their real LM head (more rows than used)
+    config = AutoConfig.for_model(shape.pop("model_type"), eos_token_id=tokenizer.eos_token_id,
+                                  bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    args.model_info = {"scale": args.scale, "parameters": sum(p.numel() for p in model.parameters()),
+                       "model_vocab": config.vocab_size, "tokenizer_vocab": len(tokenizer)}
     return path
+
+
+def tokenizer_texts(dataset, args) -> list[str]:
+    """The tokenizer's training text: `--tokenizer_corpus` (hh-rlhf JSONL, gzipped or not), else the benchmark rows."""
+    if not args.tokenizer_corpus:
+        return [row[k] for row in dataset for k in ("prompt", "chosen", "rejected")]
+    opener = gzip.open if args.tokenizer_corpus.endswith(".gz") else open
+    with opener(args.tokenizer_corpus, "rt", encoding="utf-8") as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    return [row[k] for row in rows for k in ("chosen", "rejected")]
+
+
+def synchronize():
+    """Wait for queued CUDA kernels, so a wall-clock interval covers the work it launched."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def set_attention(trainer, attention: str | None):
+    """Switch the attention kernels of the trainer's models in place (same weights): transformers'
+    `set_attn_implementation`, on the base model under PEFT, and on a separate reference model."""
+    if attention is None or trainer._attn_implementation == attention:
+        return
+    for model in (trainer.model, trainer.ref_model):
+        if model is not None:
+            (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(attention)
+    trainer._attn_implementation = attention
 
 
 class Contender:
@@ -128,8 +188,8 @@ class Contender:
     `gpo` (GPOTrainer's, with `loss`), or `floor`; on a trainer, with a collator (the batch layout)."""
 
     def __init__(self, name: str, trainer, kind: str = "gpo", loss: str | None = None, collator=None,
-                 grouped: bool = False):
-        self.name, self.trainer, self.kind, self.grouped = name, trainer, kind, grouped
+                 grouped: bool = False, attention: str | None = None):
+        self.name, self.trainer, self.kind, self.grouped, self.attention = name, trainer, kind, grouped, attention
         self.loss = get_loss(loss) if loss else None
         self.collator = collator or trainer.data_collator
         self.times, self.cpu_times, self.collate_times, self.tokens, self.cells, self.filled = [], [], [], [], [], []
@@ -141,6 +201,8 @@ class Contender:
         trainer = self.trainer
         if self.loss is not None:
             trainer.gpo_loss = self.loss
+        set_attention(trainer, self.attention)
+        synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
         batch = self.collator([trainer.train_dataset[i] for i in indices])
         collated = time.perf_counter()
@@ -155,6 +217,7 @@ class Contender:
                 DPOTrainer.training_step(trainer, trainer.model, batch)
         else:
             trainer.training_step(trainer.model, batch)
+        synchronize()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if self.kind != "floor":
             trainer.optimizer.step()
@@ -187,7 +250,8 @@ def trl_code_path(trainer):
 
 def make_trainer(kind: str, model_path: Path, dataset, args, lora: bool, precompute: bool, out: Path,
                  loss: str = "logistic", **layout):
-    common = dict(output_dir=str(out), use_cpu=not torch.cuda.is_available(), bf16=False,
+    common = dict(output_dir=str(out), use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16",
+                  model_init_kwargs={"dtype": args.dtype, "attn_implementation": "sdpa"},
                   gradient_checkpointing=False, report_to=[], seed=args.seed, save_strategy="no", logging_steps=1,
                   per_device_train_batch_size=args.batch, max_length=args.max_length, learning_rate=1e-5,
                   precompute_ref_log_probs=precompute, dataloader_num_workers=0, disable_tqdm=True)
@@ -280,30 +344,54 @@ def part_losses(model_path: Path, dataset, args, tmp: Path) -> list[dict]:
 
 
 def part_layouts(model_path: Path, dataset, args, tmp: Path) -> list[dict]:
-    """TRL's padded DPO against GPO (logistic) in every batch layout, LoRA, all on one trainer instance."""
-    trainer = make_trainer("gpo", model_path, dataset, args, True, False, tmp)
-    trainer._attn_implementation = trainer.model.config._attn_implementation
+    """TRL's padded DPO against GPO (logistic) in every batch layout and attention kernel that runs here, per setting
+    (LoRA, full fine-tuning), all on one trainer instance (the kernels are switched in place, same weights)."""
+    results = []
+    for setting in args.layout_settings:
+        trainer = make_trainer("gpo", model_path, dataset, args, setting == "lora", False, tmp)
+        trainer._attn_implementation = trainer.model.config._attn_implementation
+        contenders = layout_contenders(trainer, args)
+        race(contenders, args)
+        rows = summarise(contenders, contenders[0], args, part="layouts", setting=setting)
+        prompt_share = prompt_token_share(trainer, batches(trainer.train_dataset, args, grouped=False)[args.warmup:])
+        for row, contender in zip(rows, contenders):
+            row["prompt_token_share"] = prompt_share
+            row["attention"] = contender.attention or "sdpa"
+        print_table(rows, f"batch layouts, {setting} (prompt tokens are {prompt_share:.0%} of the real tokens)")
+        results += rows
+        set_attention(trainer, "sdpa")
+        del trainer, contenders
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
+
+
+def layout_contenders(trainer, args) -> list[Contender]:
     padded = trainer._padded_collator
     pad = trainer._tokenizer.pad_token_id
 
     def packed(**layout):
         return PackedPreferenceCollator(padded, pad_token_id=pad, row_length=args.max_length, **layout)
 
-    trl = Contender("TRL DPO padded", trainer, kind="trl", collator=padded)
-    gpo = [Contender("GPO padded", trainer, loss="logistic", collator=padded),
-           Contender("GPO length-grouped", trainer, loss="logistic", collator=padded, grouped=True),
-           Contender("GPO packed", trainer, loss="logistic", collator=packed(padding_free=True)),
-           Contender("GPO prefix-shared", trainer, loss="logistic", collator=packed(padding_free=False,
-                                                                                  prefix_sharing=True)),
-           Contender("GPO packed+prefix-shared", trainer, loss="logistic",
-                     collator=packed(padding_free=True, prefix_sharing=True))]
-    race([trl, *gpo], args)
-    rows = summarise([trl, *gpo], trl, args, part="layouts", setting="lora")
-    prompt_share = prompt_token_share(trainer, batches(trainer.train_dataset, args, grouped=False)[args.warmup:])
-    for row in rows:
-        row["prompt_token_share"] = prompt_share
-    print_table(rows, f"batch layouts, LoRA (prompt tokens are {prompt_share:.0%} of the real tokens)")
-    return rows
+    gpo = dict(trainer=trainer, loss="logistic")
+    contenders = [Contender("TRL DPO padded", trainer, kind="trl", collator=padded),
+                  Contender("GPO padded", collator=padded, **gpo),
+                  Contender("GPO length-grouped", collator=padded, grouped=True, **gpo),
+                  Contender("GPO packed", collator=packed(padding_free=True), **gpo),
+                  Contender("GPO prefix-shared", collator=packed(padding_free=False, prefix_sharing=True), **gpo),
+                  Contender("GPO packed+prefix-shared", collator=packed(padding_free=True, prefix_sharing=True), **gpo)]
+    if args.device != "cpu" and args.dtype != "float32" and is_flash_attn_2_available():
+        contenders.append(Contender("GPO packed, flash-attention", collator=packed(padding_free=True),
+                                    attention="flash_attention_2", **gpo))
+    if args.device != "cpu":  # FlexAttention has no CPU backward
+        contenders.append(Contender("GPO packed+prefix-shared, flex", attention="flex_attention", collator=packed(
+            padding_free=True, prefix_sharing=True, block_mask=True), **gpo))
+    else:
+        print("(CPU: the FlexAttention layout is left out, FlexAttention has no CPU backward; flash-attention needs CUDA)")
+    for contender in contenders:  # the kernels are switched before each step: the others run under sdpa
+        contender.attention = contender.attention or "sdpa"
+    return contenders
 
 
 class Replay(torch.nn.Module):
@@ -391,6 +479,44 @@ def print_table(rows: list[dict], title: str):
               f"{memory_cells}{floor}")
 
 
+def environment() -> dict:
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate")}
+    if is_flash_attn_2_available():
+        versions["flash-attn"] = importlib.metadata.version("flash_attn")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
+    return {"device": device, "cuda": torch.version.cuda, "python": platform.python_version(), **versions}
+
+
+def write_markdown(path: str, results: list[dict], args, argv: list[str]):
+    """The layout tables as markdown, with the device, the versions, the model and the exact command."""
+    env = environment()
+    info = args.model_info
+    lines = [f"# GPO batch layouts on {env['device']}", "",
+             f"Command: `python scripts/benchmark.py {' '.join(argv)}`", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device"), "",
+             f"Model: `{info['scale']}` shape, random weights, {info['parameters'] / 1e6:.0f}M parameters, LM head "
+             f"{info['model_vocab']} rows; tokenizer: byte-level BPE with {info['tokenizer_vocab']} tokens; "
+             f"{args.dtype}; batch {args.batch}, max_length {args.max_length}; {args.steps} measured steps after "
+             f"{args.warmup} warm-up; ratios are medians of per-step ratios to TRL on the same batch (tokens/s of the "
+             "length-grouped run: totals, its batches differ). Peak memory: torch.cuda.max_memory_allocated over two "
+             "steps above what was allocated before (on the CPU: RSS increase).", ""]
+    for setting in args.layout_settings:
+        rows = [r for r in results if r["part"] == "layouts" and r["setting"] == setting]
+        if not rows:
+            continue
+        lines += [f"## {setting}", "", "| layout | attention | padding | step s | step / TRL | tokens/s | tokens/s / TRL "
+                  "| peak MiB | memory / TRL |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            memory_cells = (f"{r['peak_memory_mb']:.0f} | {r.get('memory_ratio', float('nan')):.3f}"
+                            if r["peak_memory_mb"] is not None else "- | -")
+            lines.append(f"| {r['name']} | {r['attention']} | {r['padding_fraction']:.0%} | {r['step_time_s']:.3f} | "
+                         f"{r['step_time_ratio']:.3f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_ratio']:.2f}x | "
+                         f"{memory_cells} |")
+        lines.append("")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="preference JSONL (hh-rlhf layout by default)")
@@ -406,15 +532,26 @@ def main(argv=None):
                         choices=["losses", "layouts", "overhead"])
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    parser.add_argument("--scale", choices=list(SCALES), default="toy",
+                        help="model shape; a realistic one sets batch 8, max_length 1024, bfloat16, the layouts part")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 (toy), bfloat16 (others)")
+    parser.add_argument("--vocab_size", type=int, help="BPE target (default 1024 toy, 32000 others)")
+    parser.add_argument("--tokenizer_corpus", help="hh-rlhf JSONL(.gz) to train the BPE on (default: the benchmark "
+                        "rows; realistic scales: the shared 2312-row sample when present)")
+    parser.add_argument("--layout_settings", nargs="+", choices=["lora", "full"],
+                        help="fine-tuning settings of the layouts part (default: lora; realistic scales: lora full)")
+    parser.add_argument("--markdown", help="write the layout tables as markdown here (e.g. docs/benchmark-gpu.md)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    resolve_defaults(args, argv, parser)
 
     raw = load_dataset("json", data_files=args.data, split="train").select(range(args.rows))
     dataset, report = check_dataset(raw, Path(args.data).name)
     print(report)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        texts = [row[k] for row in dataset for k in ("prompt", "chosen", "rejected")]
-        model_path = build_model(Path(tmp) / "model", texts, args.seed)
+        model_path = build_model(Path(tmp) / "model", tokenizer_texts(dataset, args), args)
         if "losses" in args.parts:
             results += part_losses(model_path, dataset, args, Path(tmp) / "out")
         if "layouts" in args.parts:
@@ -423,8 +560,34 @@ def main(argv=None):
             results += part_overhead(model_path, dataset, args, Path(tmp) / "out")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "environment": environment(), "results": results},
+                                              indent=2))
+    if args.markdown:
+        write_markdown(args.markdown, results, args, argv)
     return results
+
+
+def resolve_defaults(args, argv: list[str], parser):
+    """Defaults that depend on the device and the scale; an explicit command-line value always wins."""
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU build of torch)")
+    if args.device == "cpu" and torch.cuda.is_available():
+        parser.error("--device cpu on a machine with CUDA: hide the GPUs with CUDA_VISIBLE_DEVICES= instead")
+    realistic = args.scale != "toy"
+    if realistic:
+        for key, value in {"--batch": 8, "--max_length": 1024, "--parts": ["layouts"]}.items():
+            if key not in given:
+                setattr(args, key[2:], value)
+        if args.tokenizer_corpus is None:
+            args.tokenizer_corpus = next((str(p) for p in SHARED_CORPUS if p.exists()), None)
+    args.dtype = args.dtype or ("bfloat16" if realistic else "float32")
+    args.vocab_size = args.vocab_size or (32000 if realistic else 1024)
+    args.layout_settings = args.layout_settings or (["lora", "full"] if realistic else ["lora"])
+    if args.dtype == "bfloat16" and args.device == "cpu":
+        parser.error("--dtype bfloat16 is for the GPU; the CPU benchmark runs float32")
 
 
 if __name__ == "__main__":

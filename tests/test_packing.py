@@ -14,7 +14,7 @@ from transformers import BitsAndBytesConfig
 from conftest import DATA, cpu_args, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer, available_losses, get_loss
 from gpo_trl.data import check_dataset
-from gpo_trl.packing import PackedPreferenceCollator, best_fit_decreasing
+from gpo_trl.packing import PackedPreferenceCollator, best_fit_decreasing, branch_mask, flex_block_mask
 
 MODES = {
     "packed": dict(padding_free=True),
@@ -41,7 +41,7 @@ def build(model_path, dataset, tmp_path, peft=True, quantization=None, **kwargs)
     generator = torch.Generator().manual_seed(1)
     for parameter in trainer.model.parameters():  # same random adapter in every trainer: policy != reference
         if parameter.requires_grad and peft:
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+            parameter.data = (torch.randn(parameter.shape, generator=generator) * 0.05).to(parameter.device)
     return trainer
 
 
@@ -164,6 +164,67 @@ def test_unsupported_setups_are_refused_before_the_model_loads(hh_dataset, tmp_p
     with pytest.raises(ValueError, match="padding_free.*text preference data only"):
         GPOTrainer(model=missing, args=GPOConfig(output_dir=str(tmp_path), **cpu_args(padding_free=True)),
                    train_dataset=images)
+
+
+def test_flex_block_mask_allows_exactly_what_the_dense_branch_mask_allows(tiny_models, hh_dataset, tmp_path):
+    """The BlockMask for flex_attention encodes the dense mask's rule cell for cell, on real packed prefix-shared rows
+    (padding tails included), and the collator hands the ids for it instead of the dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    padded = build(tiny_models["llama"], hh_dataset, tmp_path)
+    rows = [padded.train_dataset[i] for i in range(BATCH)]
+    collate = PackedPreferenceCollator(padded.data_collator, pad_token_id=0, prefix_sharing=True, row_length=96)
+    dense = collate(rows)
+    ids = PackedPreferenceCollator(padded.data_collator, pad_token_id=0, prefix_sharing=True, row_length=96,
+                                   block_mask=True)(rows)
+    assert "attention_mask" not in ids and ids["mask_document"].shape == ids["input_ids"].shape
+    assert all(torch.equal(ids[k], dense[k]) for k in ("input_ids", "position_ids", "labels", "unpack_index"))
+    document, branch = ids["mask_document"], ids["mask_branch"]
+    assert len(document) > 1 and (branch == 2).any() and (document[:, -1] != document[:, 0]).any()  # rows, tails
+    block = flex_block_mask(document, branch)
+    assert block.shape == dense["attention_mask"].shape
+    cells = create_mask(block.mask_mod, document.size(0), 1, document.size(1), document.size(1), device="cpu")
+    assert torch.equal(cells, dense["attention_mask"])
+    # The tiles are classified as torch's own create_block_mask (dense evaluation) classifies them
+    reference = create_block_mask(block.mask_mod, document.size(0), None, document.size(1), document.size(1),
+                                  device="cpu", BLOCK_SIZE=16)
+    small = flex_block_mask(document, branch, block_size=16)  # small tiles: empty, partial and full ones all occur
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(small, name), getattr(reference, name)), name
+    assert torch.equal(small.to_dense(), reference.to_dense()) and (small.full_kv_num_blocks > 0).any()
+    assert (small.kv_num_blocks > 0).any() and (small.to_dense() == 0).any()
+    assert torch.equal(branch_mask(document, branch), dense["attention_mask"])
+
+
+@pytest.mark.slow
+def test_flex_attention_forward_gives_the_dense_mask_log_probs(tiny_models, hh_dataset, tmp_path):
+    """Packed + prefix-shared rows through flex_attention (BlockMask) and through sdpa (dense 4D mask): the same
+    per-token log-probs in float32. Forward only: FlexAttention has no CPU backward (the GPU tests train with it).
+    The trainer is built with sdpa (prefix sharing with flex is refused on the CPU) and switched for the forward."""
+    trainer = build(tiny_models["llama"], hh_dataset, tmp_path, padding_free=True, prefix_sharing=True)
+    rows = [trainer.train_dataset[i] for i in range(BATCH)]
+
+    def log_probs():
+        inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+        with torch.no_grad():
+            return inputs, trainer._forward(trainer.model, inputs, fields=("log_probs",)).log_probs
+
+    dense_inputs, expected = log_probs()
+    trainer.model.get_base_model().set_attn_implementation("flex_attention")
+    trainer.data_collator = trainer._packed_collator(trainer.args)
+    flex_inputs, got = log_probs()
+    assert "attention_mask" in dense_inputs and "mask_document" in flex_inputs and "attention_mask" not in flex_inputs
+    scored = dense_inputs["completion_mask"][:, 1:].bool()
+    assert scored.sum() > 100 and expected[scored].abs().min() > 0
+    difference = (got - expected).abs().max().item()
+    assert difference <= 1e-5, f"flex vs dense mask log-probs differ by {difference}"
+
+
+def test_prefix_sharing_with_flex_attention_is_refused_on_the_cpu(hh_dataset, tmp_path):
+    args = GPOConfig(output_dir=str(tmp_path), **cpu_args(prefix_sharing=True, model_init_kwargs={
+        "attn_implementation": "flex_attention"}))
+    with pytest.raises(ValueError, match="flex_attention.*needs a GPU.*no backward pass on the CPU"):
+        GPOTrainer(model=str(tmp_path / "no-such-model"), args=args, train_dataset=hh_dataset)
 
 
 def test_prefix_sharing_refuses_keep_end_truncation(tmp_path):
