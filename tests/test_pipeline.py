@@ -170,14 +170,20 @@ def test_tensorboard_receives_gpo_diagnostics(tiny_models, zen_dataset, tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = GPOConfig(output_dir=str(tmp_path), **cpu_args(max_steps=2, report_to=["tensorboard"]))
-    GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset, peft_config=lora()).train()
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset, peft_config=lora())
+    trainer.train()
     [events] = list(tmp_path.rglob("events.out.tfevents.*"))  # under output_dir/runs/<date>
     accumulator = EventAccumulator(str(events.parent))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
     assert {"train/gpo/margin", "train/gpo/offline_reg", "train/gpo/push", "train/gpo/beta_effective",
             "train/rewards/margins", "train/loss"} <= tags
-    assert len(accumulator.Scalars("train/gpo/margin")) == 2
+    logs = logged_steps(trainer)
+    assert logs[-1]["gpo/margin"] != 0
+    for key in ("gpo/margin", "gpo/offline_reg", "gpo/push", "gpo/beta_effective", "rewards/margins", "loss"):
+        written = accumulator.Scalars(f"train/{key}")  # the values the trainer logged, step by step (float32 on disk)
+        assert [event.step for event in written] == [entry["step"] for entry in logs], key
+        assert [event.value for event in written] == pytest.approx([entry[key] for entry in logs], rel=1e-6), key
 
 
 def test_evaluate_command_scores_a_trained_adapter(tmp_path, capsys):
@@ -190,10 +196,13 @@ def test_evaluate_command_scores_a_trained_adapter(tmp_path, capsys):
                 "--metrics_file", str(tmp_path / "metrics.json")])
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_gpo/margin"):
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_gpo/margin",
+                "eval_gpo/offline_reg", "eval_gpo/push"):
         assert metrics[key] == pytest.approx(after[key], rel=1e-4), key
     assert metrics["eval_gpo/margin"] > 0
-    assert "eval_gpo/offline_reg" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    table = {line.split()[0]: line.split()[-1] for line in printed.splitlines() if line.startswith("eval_")}
+    assert table["eval_gpo/offline_reg"] == f"{metrics['eval_gpo/offline_reg']:.6g}", printed  # the table = the JSON
 
 
 @pytest.mark.parametrize("name", ["cpu_ddp", "multi_gpu", "fsdp2", "zero2", "zero3"])
