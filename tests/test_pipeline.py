@@ -138,8 +138,8 @@ def test_push_command_refuses_a_directory_that_is_not_a_run(fake_hub, tmp_path, 
 
 
 def test_resume_from_checkpoint_continues_the_same_trajectory(tiny_models, demo_datasets, tmp_path):
-    """6 steps straight vs a run stopped after step 3 (checkpoint-3) and resumed: steps 4-6 log the same losses
-    and margins (optimizer, scheduler, RNG and data order all restored)."""
+    """6 steps straight vs a run stopped after step 3 (checkpoint-3) and resumed: steps 4-6 log bit-identical values
+    (optimizer, scheduler, RNG and data order all restored)."""
     from transformers import TrainerCallback
 
     class StopAfterStep3(TrainerCallback):  # a preemption, minus the signal
@@ -161,9 +161,14 @@ def test_resume_from_checkpoint_continues_the_same_trajectory(tiny_models, demo_
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
     expected, got = logged_steps(straight)[3:], logged_steps(resumed)[-3:]
     assert [e["step"] for e in got] == [4, 5, 6]
-    for e, g in zip(expected, got):
-        for key in ("loss", "rewards/margins", "gpo/margin", "gpo/offline_reg"):
-            assert g[key] == pytest.approx(e[key], rel=1e-5, abs=1e-7), (g["step"], key)
+    for e, g in zip(expected, got):  # bit-identical (measured), except the running token count (below)
+        assert e.keys() == g.keys()
+        for key in e.keys() - {"num_tokens"}:
+            assert g[key] == e[key], (g["step"], key, g[key], e[key])
+    # num_tokens restarts from 0 on resume, as in TRL 1.16 (its _total_train_tokens is not checkpointed); the tokens
+    # counted per step agree
+    assert [g["num_tokens"] for g in got[1:]] == [e["num_tokens"] - expected[0]["num_tokens"] + got[0]["num_tokens"]
+                                                 for e in expected[1:]]
 
 
 def test_tensorboard_receives_gpo_diagnostics(tiny_models, zen_dataset, tmp_path):
