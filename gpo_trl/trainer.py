@@ -380,7 +380,8 @@ class GPOTrainer(DPOTrainer):
         metrics["logps/rejected"].append(self._gather_mean(rejected_logps))
 
     def _log_gpo_diagnostics(self, mode, rho, scaled_margin):
-        """GPO paper, Sec. 3: E[rho], the offline regulariser 1/2 E[rho^2], and how much of the batch still pushes."""
+        """GPO paper, Sec. 3: E[rho], the offline regulariser 1/2 E[rho^2] (the paper's diagnostic; per unit of push
+        the loss weighs it by 2 * beta * c_f, see `GPOLoss.c_f`), and how much of the batch still pushes."""
         metrics = self._metrics[mode]
         rho = rho.detach()
         metrics["gpo/margin"].append(self._gather_mean(rho))

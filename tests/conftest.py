@@ -4,14 +4,23 @@ Nothing is downloaded: HF_HUB_OFFLINE=1 is set before transformers/datasets are 
 randomly initialised config saved with save_pretrained, then loaded back by path, like a Hub model.
 """
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never write to the user's datasets cache (load_dataset's arrow files, and the default reference log-probs
+# cache `<datasets cache>/gpo_trl_ref_logps` of every test that precomputes without its own ref_logps_cache_dir):
+# this process and every subprocess it starts use a temporary one, removed at exit. Set before datasets is imported.
+TEST_DATASETS_CACHE = tempfile.mkdtemp(prefix="gpo_trl_tests_datasets_cache_")
+os.environ["HF_DATASETS_CACHE"] = TEST_DATASETS_CACHE
+atexit.register(shutil.rmtree, TEST_DATASETS_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402

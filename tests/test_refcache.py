@@ -1,6 +1,8 @@
 """Precomputed reference log-probs are an artifact: computed once per (tokenised data, reference weights,
 truncation, precision), reused by later runs that change anything else, recomputed when any of those change."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from datasets import load_dataset
@@ -70,3 +72,15 @@ def test_a_stale_or_broken_cache_file_is_recomputed_not_trusted(tiny_models, tmp
     again = make(tiny_models["llama"], tmp_path, beta=0.5)  # beta: so that TRL's own cache misses too
     assert sum(count_reference_passes) == 17
     torch.testing.assert_close(torch.tensor(again.train_dataset["ref_chosen_logps"]), torch.tensor(expected))
+
+
+def test_the_test_session_never_writes_the_users_datasets_cache():
+    """conftest points HF_DATASETS_CACHE (hence the default ref_logps_cache_dir) at a temporary directory, for this
+    process and its subprocesses, so tests that precompute without their own cache dir leave the user's cache alone."""
+    import datasets
+
+    from conftest import TEST_DATASETS_CACHE
+    from gpo_trl.refcache import default_cache_dir
+
+    assert datasets.config.HF_DATASETS_CACHE.resolve() == Path(TEST_DATASETS_CACHE).resolve()
+    assert default_cache_dir().resolve().parent == Path(TEST_DATASETS_CACHE).resolve()
