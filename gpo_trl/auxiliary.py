@@ -7,14 +7,15 @@ arXiv 2405.17956):
     R(x, y)  = sum_i w_i r_i(x, y)                   designer rewards, computed once per row when the data is prepared
     A(x, y)  = R(x, y) - V(x),  V(x) = (R_w + R_l) / 2   so A_w = -A_l = (R_w - R_l) / 2
     h(y)     = log pi(y|x) - log ref(y|x)            (per token under gpo_length_normalize, as in the GPO margin)
-    L_aux    = mean over pairs of  sum_{y in {y_w, y_l}} |A(y)| / tau * f(sign(A(y)) * beta * h(y))
+    omega(y) = max(tanh(A(y) / tau), 0)              the better-scored response of each pair, weight in (0, 1)
+    L_aux    = mean over pairs of  sum_{y in {y_w, y_l}} omega(y) * f(beta * h(y))
 
-with f the GPO loss itself. Each response's log-ratio to the reference is pushed up when its reward beats the pair's
-mean and down when it falls short, with a strength that saturates as f does, so the term is bounded by the same
-regularisation as the GPO loss. Responses the rewards cannot tell apart (A = 0) contribute exactly 0 in value and
+with f the GPO loss itself: the designer's preferred response of each pair has its log-ratio to the reference
+pushed up, as hard as its advantage says, and the push saturates as f does, so the term is bounded by the same
+regularisation as the GPO loss. A pair the rewards cannot tell apart (A = 0) contributes exactly 0 in value and
 gradient, and each pair's value depends on that pair alone (no normalisation over the batch). At the reference
-(h = 0) the gradient is -beta |f'(0)| / tau * sum_y A(y) grad log pi(y|x): UPO's advantage-weighted likelihood with
-its weights centred on the baseline.
+(h = 0) and for small A the gradient is -beta |f'(0)| / tau * sum_y max(A(y), 0) grad log pi(y|x): an
+advantage-weighted likelihood (UPO's form) with the weights measured from the pair's baseline.
 
 A reward is `f(prompt: str, completion: str, **kwargs) -> float`, built in (length, readability, lexicon, regex)
 or named by import path "package.module:function".
@@ -206,10 +207,12 @@ def pair_advantages(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) 
 
 
 def aux_loss(loss_fn, scaled_logratios: torch.Tensor, advantages: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-pair L_aux (B,) from the 2B responses [chosen; rejected]: the sum over the pair's two responses of
-    |A| / tau * f(sign(A) * beta * h). A response with A == 0 adds exactly 0 to the value and to the gradient."""
-    advantages = advantages.to(scaled_logratios.dtype)
-    per_response = advantages.abs() / temperature * loss_fn(torch.sign(advantages) * scaled_logratios)
+    """Per-pair L_aux (B,) from the 2B responses [chosen; rejected] and their beta * h: the sum over the pair of
+    max(tanh(A / tau), 0) * f(beta * h). A response with A <= 0 adds exactly 0 to the value and to the gradient
+    (no push-down: that is the GPO loss's job, and pushing likelihood down without a target unsettled training)."""
+    weights = torch.tanh(advantages.to(scaled_logratios.dtype) / temperature).clamp(min=0)
+    # f at 0 where the weight is 0, so that an f that overflows far from the reference cannot turn 0 * inf into NaN
+    per_response = weights * loss_fn(torch.where(weights > 0, scaled_logratios, torch.zeros_like(scaled_logratios)))
     chosen, rejected = per_response.chunk(2)
     return chosen + rejected
 

@@ -53,7 +53,8 @@ class GPOConfig(DPOConfig):
         aux_coef (`float`, *optional*, defaults to `0.0`):
             alpha: weight of the auxiliary loss next to the GPO loss; 0 disables it.
         aux_temperature (`float`, *optional*, defaults to `1.0`):
-            tau: the reward gap that weighs a pair as much as the GPO loss does (a pair's weight is |R_w - R_l| / tau).
+            tau, in reward units: a response's auxiliary weight is max(tanh(A / tau), 0), A its advantage over the
+            pair mean.
 
         > Parameters that control the batch layout; see `gpo_trl.packing`
 
@@ -107,7 +108,8 @@ class GPOConfig(DPOConfig):
         default=0.0, metadata={"help": "alpha: weight of the auxiliary objective next to the GPO loss; 0 disables it."}
     )
     aux_temperature: float = field(
-        default=1.0, metadata={"help": "tau: a pair's auxiliary weight is |R_chosen - R_rejected| / tau; must be > 0."}
+        default=1.0,
+        metadata={"help": "tau, in reward units: a response's auxiliary weight is max(tanh(A / tau), 0); must be > 0."},
     )
 
     padding_free: bool = field(

@@ -2,7 +2,7 @@
 does to a model. The loss under test, as documented in the README:
 
     L = L_GPO + alpha * L_aux,  A_w = -A_l = (R_w - R_l) / 2,  h = log pi - log ref,
-    L_aux = mean over pairs of sum_{y in pair} |A(y)| / tau * f(sign(A(y)) * beta * h(y))
+    L_aux = mean over pairs of sum_{y in pair} max(tanh(A(y) / tau), 0) * f(beta * h(y))
 """
 
 import math
@@ -60,17 +60,29 @@ def softplus_f(t: float) -> float:
 
 
 def test_pair_advantages_and_per_pair_loss_from_the_formula():
-    """Pair-mean baseline: A_w = (R_w - R_l) / 2 = -A_l; per pair, |A|/tau * [f(s beta h_w) + f(-s beta h_l)]."""
+    """Pair-mean baseline: A_w = (R_w - R_l) / 2 = -A_l; per pair, tanh(|A| / tau) * f(beta h) of the better one."""
     chosen, rejected = torch.tensor([3.0, 1.0, 2.5]), torch.tensor([1.0, 1.0, 4.0])
     advantages = pair_advantages(chosen, rejected)
     assert advantages.tolist() == [1.0, 0.0, -0.75, -1.0, -0.0, 0.75]
     h = torch.tensor([0.4, -1.3, 0.2, -0.5, 2.0, 0.1], dtype=torch.float64)  # beta * h for [chosen; rejected]
     got = aux_loss(lambda t: torch.nn.functional.softplus(-t), h, advantages, temperature=2.0)
-    expected = [1.0 / 2 * (softplus_f(0.4) + softplus_f(0.5)),  # chosen better: push h_w up, h_l down
+    expected = [math.tanh(1.0 / 2) * softplus_f(0.4),  # chosen scores better: its log-ratio is pushed up
                 0.0,  # equal rewards: nothing
-                0.75 / 2 * (softplus_f(-0.2) + softplus_f(0.1))]  # rejected better: push h_w down, h_l up
+                math.tanh(0.75 / 2) * softplus_f(0.1)]  # rejected scores better: its log-ratio is pushed up
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
     assert got[1].item() == 0.0
+    # The weight saturates: a reward gap 1000 times larger pulls at most 1 / tanh(1/2) ~ 2.2 times harder
+    huge = aux_loss(lambda t: torch.nn.functional.softplus(-t), h, advantages * 1000, temperature=2.0)
+    assert huge[0].item() == pytest.approx(softplus_f(0.4), rel=1e-12)
+
+
+def test_an_overflowing_f_on_a_zero_weight_response_gives_no_nan():
+    """exp(-t) overflows far below the reference; the responses it is evaluated at there have weight 0."""
+    scaled = torch.tensor([1.0, -200.0], requires_grad=True)  # [chosen; rejected], rejected far below the reference
+    loss = aux_loss(lambda t: torch.exp(-t), scaled, pair_advantages(torch.tensor([2.0]), torch.tensor([0.0])), 1.0)
+    loss.sum().backward()
+    assert loss.item() == pytest.approx(math.tanh(1.0) * math.exp(-1.0))
+    assert scaled.grad.tolist() == [pytest.approx(-math.tanh(1.0) * math.exp(-1.0)), 0.0]
 
 
 def test_each_pairs_value_does_not_depend_on_the_rest_of_the_batch():
@@ -88,7 +100,8 @@ def test_each_pairs_value_does_not_depend_on_the_rest_of_the_batch():
     assert loss_of([0, 2, 4])[1] == alone and loss_of([4, 3, 2, 1, 0])[2] == alone
     grad_alone = torch.autograd.grad(alone, h)[0]
     assert torch.equal(torch.autograd.grad(loss_of([4, 3, 2, 1, 0])[2], h)[0], grad_alone)
-    assert set(grad_alone.nonzero().flatten().tolist()) == {2, 7}  # only the pair's own two responses
+    assert set(grad_alone.nonzero().flatten().tolist()) <= {2, 7}  # only the pair's own responses
+    assert grad_alone.abs().sum() > 0
 
 
 @pytest.mark.parametrize(
@@ -201,9 +214,11 @@ def test_auxiliary_loss_is_recomputed_from_log_probs_and_rewards(penalised, demo
     raw = demo_datasets["train"].select(rows)
     r_w = [-len(text.split()) for text in raw["chosen"]]
     r_l = [-len(text.split()) for text in raw["rejected"]]
-    expected_aux = sum(
-        abs(a) / tau * (softplus_f(math.copysign(1, a) * beta * hw) + softplus_f(-math.copysign(1, a) * beta * hl))
-        for a, hw, hl in zip([(w - l) / 2 for w, l in zip(r_w, r_l)], h_w.tolist(), h_l.tolist())) / len(rows)
+    expected_aux = 0.0
+    for w, l, hw, hl in zip(r_w, r_l, h_w.tolist(), h_l.tolist()):
+        a = (w - l) / 2  # A_w = -A_l; the better-scored response of the pair carries the weight
+        better = hw if a > 0 else hl
+        expected_aux += math.tanh(abs(a) / tau) * softplus_f(beta * better) / len(rows)
     expected_gpo = sum(softplus_f(beta * (w - l)) for w, l in zip(h_w.tolist(), h_l.tolist())) / len(rows)
     assert any(r != 0 for r in h_w.tolist())  # off the reference, so the log-ratios matter
     assert metrics["aux/loss"] == pytest.approx(expected_aux, rel=1e-5)
@@ -243,7 +258,8 @@ def test_recipe_with_readability_and_lexicon_rewards_runs(tmp_path):
     args = parse_args(["--config", str(REPO / "configs" / "demo.yaml"), "--model_name_or_path",
                        str(tmp_path / "m"), "--dataset_name", str(tmp_path / "d"), "--output_dir", str(tmp_path / "o"),
                        "--max_steps", "2", "--logging_steps", "1", "--eval_before_training", "false", "--disable_tqdm", "true",
-                       "--aux_coef", str(training.aux_coef), "--aux_rewards", json_list(training.aux_rewards)])
+                       "--aux_coef", str(training.aux_coef), "--aux_temperature", str(training.aux_temperature),
+                       "--aux_rewards", json_list(training.aux_rewards)])
     trainer, _, after = recipe_main(*args)
     assert "aux/reward_chosen" in logged_steps(trainer)[0] and math.isfinite(after["eval_aux/loss"])
 
@@ -254,39 +270,48 @@ def json_list(value) -> str:
     return json.dumps(value)
 
 
-def sample_lengths(trainer, tokenizer, prompts, seed=0) -> float:
-    """Mean number of tokens sampled before EOS (4 samples per prompt, temperature 1, at most 48 tokens)."""
+def sample(trainer, tokenizer, prompts, seed=0) -> tuple[float, float]:
+    """(mean tokens before EOS, mean Flesch reading ease) of 8 samples per prompt (temperature 1, <= 48 tokens)."""
     torch.manual_seed(seed)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        out = trainer.model.eval().generate(**batch, do_sample=True, max_new_tokens=48, num_return_sequences=4,
+        out = trainer.model.eval().generate(**batch, do_sample=True, max_new_tokens=48, num_return_sequences=8,
                                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    lengths = []
+    lengths, flesch = [], []
     for ids in out[:, batch["input_ids"].shape[1]:].tolist():
-        lengths.append(ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids))
-    return sum(lengths) / len(lengths)
+        length = ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids)
+        lengths.append(length)
+        flesch.append(readability_reward("", tokenizer.decode(ids[:length])))
+    return sum(lengths) / len(lengths), sum(flesch) / len(flesch)
+
+
+DESIGNER_RUNS = {
+    "plain": {},
+    "length_penalty": dict(aux_coef=0.75, aux_temperature=5.0, aux_rewards=LENGTH_PENALTY),
+    "readability": dict(aux_coef=1.0, aux_temperature=10.0, aux_rewards=[{"name": "readability", "weight": 1.0}]),
+}
 
 
 @pytest.mark.slow
-def test_length_penalty_makes_sampled_answers_shorter(tiny_models, demo_datasets, tmp_path):
-    """Full fine-tuning of the tiny model for 100 steps, same seed, three runs: plain GPO; GPO + the auxiliary
-    objective with a zero-weight reward (uniform weights: the likelihood term alone); GPO + a length penalty.
-    The penalty's samples on held-out prompts are shorter than both, and held-out preference accuracy stays within
-    0.1 of the plain run. (Measured: 32.6 / 15.8 / 5.9 tokens; accuracy 1.00 / 0.89 / 0.94.)"""
+def test_designer_rewards_change_what_they_score_and_keep_the_preferences(tiny_models, demo_datasets, tmp_path):
+    """Full fine-tuning of the tiny model for 100 steps, seed 0, three runs: plain GPO, + a length penalty, + a
+    readability reward. On held-out prompts the penalty's samples are shorter than plain GPO's by a quarter and the
+    readability run's read easier, while held-out preference accuracy stays within 0.05 of plain GPO.
+    (Measured, README: MEASURED_DOC.)"""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     prompts = sorted(set(demo_datasets["test"]["prompt"]))
     results = {}
-    for name, kwargs in {"plain": {}, "uniform": dict(aux_coef=1.0, aux_rewards=[{"name": "length", "weight": 0.0}]),
-                         "penalty": dict(aux_coef=1.0, aux_rewards=LENGTH_PENALTY)}.items():
+    for name, kwargs in DESIGNER_RUNS.items():
         args = GPOConfig(output_dir=str(tmp_path / name), **cpu_args(
             max_steps=100, per_device_train_batch_size=16, learning_rate=2e-3, logging_steps=50, **kwargs))
         trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=demo_datasets["train"],
                              eval_dataset=demo_datasets["test"])
         trainer.train()
         accuracy = trainer.evaluate()["eval_rewards/accuracies"]
-        results[name] = (sample_lengths(trainer, tokenizer, prompts), accuracy)
-    (plain_len, plain_acc), (uniform_len, _), (penalty_len, penalty_acc) = results.values()
-    assert penalty_len < 0.75 * uniform_len and penalty_len < 0.75 * plain_len, results
-    assert abs(penalty_acc - plain_acc) <= 0.1, results
+        results[name] = (*sample(trainer, tokenizer, prompts), accuracy)
+    (plain_len, plain_flesch, plain_acc), (penalty_len, _, penalty_acc), (_, read_flesch, read_acc) = results.values()
+    assert penalty_len < 0.75 * plain_len, results
+    assert abs(penalty_acc - plain_acc) <= 0.05, results
+    assert read_flesch > plain_flesch + 5, results
