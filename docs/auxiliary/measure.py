@@ -9,8 +9,8 @@ tokens), over more runs than the test affords: opposite-sign controls and the va
     # the test's three runs under other seeds (training order and sampling; the tiny model stays seed 0):
     PYTHONPATH=. python docs/auxiliary/measure.py seed 1 | grep '^{"run"' >> docs/auxiliary/measured.jsonl
 
-Prints (among the trainer's logs) one JSON line per run: mean sampled length (tokens), mean Flesch reading ease of the samples, held-out
-preference accuracy (eval_rewards/accuracies), seconds.
+Prints (among the trainer's logs) one JSON line per run: mean sampled length (tokens), mean Flesch reading ease of
+the samples, held-out preference accuracy (eval_rewards/accuracies), seconds.
 """
 
 import json
