@@ -15,7 +15,7 @@ import custom_rewards
 from conftest import REPO, cpu_args, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer
 from gpo_trl.auxiliary import (RewardError, aux_loss, length_reward, lexicon_reward, pair_advantages,
-                               readability_reward, regex_reward, resolve_reward)
+                               readability_reward, regex_reward)
 from gpo_trl.recipe import main as recipe_main
 from gpo_trl.recipe import parse_args
 
