@@ -230,6 +230,29 @@ def test_auxiliary_loss_is_recomputed_from_log_probs_and_rewards(penalised, demo
     assert metrics["aux/designer_accuracy"] == pytest.approx(sum(designer) / len(designer))
 
 
+def test_auxiliary_gradient_is_recomputed_from_log_probs_and_rewards(penalised, demo_datasets):
+    """The gradient of the trainer's loss on the LoRA weights equals that of the loss written out here on the
+    independent forward, and differs from the GPO part's alone (so the auxiliary term's own gradient is checked)."""
+    rows, beta, tau, alpha = list(range(6)), 0.1, 4.0, 0.3
+    batch = penalised.data_collator([penalised.train_dataset[i] for i in rows])
+    params = [p for p in penalised.model.parameters() if p.requires_grad]
+    trainer_grads = torch.autograd.grad(penalised.compute_loss(penalised.model, batch), params)
+    with torch.no_grad(), penalised.model.disable_adapter():
+        reference = independent_logps(penalised.model, batch)
+    h_w, h_l = (independent_logps(penalised.model, batch) - reference).chunk(2)
+    raw = demo_datasets["train"].select(rows)
+    advantage = torch.tensor([(len(l.split()) - len(w.split())) / 2 for w, l in zip(raw["chosen"], raw["rejected"])])
+    better = torch.where(advantage > 0, h_w, h_l)  # length penalty: the shorter answer of the pair
+    gpo = torch.nn.functional.softplus(-beta * (h_w - h_l)).mean()
+    aux = (torch.tanh(advantage.abs() / tau) * torch.nn.functional.softplus(-beta * better)).mean()
+    expected = torch.autograd.grad(gpo + alpha * aux, params, retain_graph=True)
+    gpo_only = torch.autograd.grad(gpo, params)
+    for got, want in zip(trainer_grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+    difference = sum((e - g).abs().sum() for e, g in zip(expected, gpo_only))
+    assert difference > 1e-3 * sum(e.abs().sum() for e in expected)
+
+
 def test_a_pairs_auxiliary_loss_is_the_same_in_any_batch(penalised):
     """The micro-batch's L_aux is the mean of its pairs' values computed one pair at a time (to float32 rounding,
     padding differs), whatever the batch size: no normalisation over the batch."""
