@@ -224,8 +224,8 @@ class GPOTrainer(DPOTrainer):
             per_token_logps = outputs.log_probs[:, -token_mask.size(1) :]
             loss = loss + self.args.sft_coef * self._sft_loss(mode, per_token_logps, token_mask)
         if self.aux_rewards:
-            mean_token_logps = logps / token_mask.sum(dim=1).clamp(min=1)  # (2B,) log pi(y|x) / |y|
-            loss = loss + self.args.aux_coef * self._auxiliary_loss(mode, mean_token_logps, inputs)
+            loss = loss + self.args.aux_coef * self._auxiliary_loss(mode, chosen_logratios, rejected_logratios,
+                                                                    inputs)
         if self.aux_loss_enabled:  # MoE router load balancing (TRL's "aux_loss", unrelated to the UPO objective)
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
@@ -287,19 +287,28 @@ class GPOTrainer(DPOTrainer):
         self._metrics["train"]["gpo/skipped_batches"] = [self._skipped_batches]
         return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
 
-    def _auxiliary_loss(self, mode, mean_token_logps, inputs) -> torch.Tensor:
-        """UPO-style advantage-weighted likelihood of both responses (see gpo_trl.auxiliary), with its metrics."""
+    def _auxiliary_loss(self, mode, chosen_logratios, rejected_logratios, inputs) -> torch.Tensor:
+        """The reference-anchored UPO term (see gpo_trl.auxiliary), a mean over pairs like the GPO loss; and its
+        metrics."""
         reward_chosen, reward_rejected = inputs["aux_reward_chosen"], inputs["aux_reward_rejected"]
-        weights, advantages = auxiliary.advantage_weights(reward_chosen, reward_rejected, self.args.aux_temperature,
-                                                          self.args.aux_baseline)
-        loss = auxiliary.aux_loss(mean_token_logps, weights)
+        advantages = auxiliary.pair_advantages(reward_chosen, reward_rejected)
+        logratios = torch.cat([chosen_logratios, rejected_logratios])  # (2B,) h = log pi / ref
+        if self.args.gpo_length_normalize:  # the per-token scale of the GPO margin
+            logratios = logratios / inputs["completion_mask"].sum(dim=1).clamp(min=1)
+        loss = auxiliary.aux_loss(self.gpo_loss, self.beta * logratios, advantages, self.args.aux_temperature).mean()
         metrics = self._metrics[mode]
         metrics["aux/reward_chosen"].append(self._gather_mean(reward_chosen))
         metrics["aux/reward_rejected"].append(self._gather_mean(reward_rejected))
-        metrics["aux/advantage_mean"].append(self._gather_mean(advantages))
         metrics["aux/advantage_abs"].append(self._gather_mean(advantages.abs()))
         metrics["aux/loss"].append(self._gather_mean(loss))
-        metrics["aux/ess"].append(self._gather_mean(auxiliary.effective_sample_size(weights)))
+        # Among the pairs the rewards tell apart: how often the policy's margin ranks them the designer's way
+        gap = advantages.chunk(2)[0]
+        ranked = gap != 0
+        ranked_pairs = self._gather_sum(ranked.sum()).item()
+        if ranked_pairs:
+            chosen, rejected = logratios.detach().chunk(2)
+            agrees = torch.sign(chosen - rejected) == torch.sign(gap)
+            metrics["aux/designer_accuracy"].append(self._gather_sum((agrees & ranked).sum()).item() / ranked_pairs)
         return loss
 
     def _sft_loss(self, mode, per_token_logps, token_mask) -> torch.Tensor:
