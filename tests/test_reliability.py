@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from conftest import REPO, console_script, cpu_args, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer, available_losses
@@ -200,6 +201,76 @@ def test_nonfinite_batches_can_be_skipped_and_counted(loss, tiny_models, zen_dat
     trainer.train()
     logs = logged_steps(trainer)
     assert [e.get("gpo/skipped_batches", 0) for e in logs] == [0, 1, 2, 3]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+EXACT = {"calls": 0, "poisoned": set(), "gradient_only": False}
+
+
+def exactly_poisoned(t):
+    """softplus(-t), except on the training micro-batches listed in EXACT["poisoned"] (0-based; a micro-batch makes
+    two calls with 2 or 4 margins: the loss and the gpo/push derivative), where the value, or only its gradient,
+    turns NaN. The config's probes use other sizes."""
+    if t.numel() in (2, 4):
+        micro_batch = EXACT["calls"] // 2
+        EXACT["calls"] += 1
+        if micro_batch in EXACT["poisoned"]:
+            return torch.nn.functional.softplus(-_NaNGradient.apply(t)) if EXACT["gradient_only"] else t * float("nan")
+    return torch.nn.functional.softplus(-t)
+
+
+class Snapshots(TrainerCallback):
+    """After every optimizer step, clones of what a skipped step must leave alone: the trainable weights, the
+    optimizer's state (AdamW: exp_avg, exp_avg_sq, step) and the LR scheduler's state."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        moments = {(i, k): v.clone() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+        self.steps.append((weights, moments, dict(lr_scheduler.state_dict())))
+
+
+def assert_identical(before: dict, after: dict):
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+@pytest.mark.parametrize("gradient_only, accumulation, poisoned", [
+    (False, 1, {1}),  # the loss is NaN at step 2
+    (False, 2, {3}),  # ... in the second micro-batch of step 2: the first micro-batch's gradient goes too
+    (True, 1, {1}),  # the loss is finite, its gradient NaN, at step 2
+    (True, 2, {3}),
+], ids=["loss", "loss-accumulated", "gradient", "gradient-accumulated"])
+def test_a_skipped_step_changes_nothing(gradient_only, accumulation, poisoned, tiny_models, zen_rows, tmp_path):
+    """AdamW with weight decay 0.1 and a linear LR schedule, the same 4 pairs every step, step 2 poisoned, `skip`:
+    after step 2 the weights, the optimizer's moments and step counts, and the LR schedule are bit-identical to
+    after step 1 (a zero gradient would still move the weights by weight decay and the moments); step 3 updates
+    again, and the loss keeps going down to the end with finite weights."""
+    EXACT.update(calls=0, poisoned=poisoned, gradient_only=gradient_only)
+    snapshots = Snapshots()
+    args = GPOConfig(output_dir=str(tmp_path), gpo_loss="test_reliability:exactly_poisoned", on_nonfinite="skip",
+                     **cpu_args(max_steps=6, optim="adamw_torch", weight_decay=0.1, lr_scheduler_type="linear",
+                                per_device_train_batch_size=4 // accumulation,
+                                gradient_accumulation_steps=accumulation))
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=Dataset.from_list(zen_rows[:4]),
+                         peft_config=lora(), callbacks=[snapshots])
+    trainer.train()
+    (weights_1, moments_1, schedule_1), (weights_2, moments_2, schedule_2), (weights_3, _, schedule_3) = \
+        snapshots.steps[:3]
+    assert_identical(weights_1, weights_2)
+    assert_identical(moments_1, moments_2)
+    assert {k: moments_1[k].item() for k in moments_1 if k[1] == "step"} == {k: 1.0 for k in moments_1 if k[1] == "step"}
+    assert schedule_2 == schedule_1
+    assert schedule_3["last_epoch"] == schedule_1["last_epoch"] + 1
+    assert not all(torch.equal(weights_2[n], weights_3[n]) for n in weights_2)  # step 3 is a real update
+    logs = logged_steps(trainer)
+    assert [e.get("gpo/skipped_batches", 0) for e in logs] == [0, 1, 1, 1, 1, 1]
+    assert trainer.state.global_step == 6  # the skipped step counts as a step
+    after = [e["loss"] for e in logs[2:]]
+    assert all(later < earlier for earlier, later in zip(after, after[1:])) and after[-1] < logs[0]["loss"]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
