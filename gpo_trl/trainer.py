@@ -81,6 +81,8 @@ class GPOTrainer(DPOTrainer):
         self.preemption = PreemptionCallback(self.accelerator)
         self.add_callback(self.preemption)
         self._skipped_batches = 0
+        self._window_poisoned = False  # a micro-batch of this accumulation window had a non-finite loss
+        self._reported_skip = False  # the optimizer reports a skipped step (see _drop_window)
         self.gpo_loss = args.build_loss()
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
         self.beta = args.effective_beta
@@ -228,25 +230,52 @@ class GPOTrainer(DPOTrainer):
         return outputs
 
     def training_step(self, *args, **kwargs):
-        """TRL's step, then a check that no NaN/inf gradient is about to reach the optimizer."""
+        """TRL's step; at the last micro-step of an accumulation window, check that no NaN/inf gradient is about to
+        reach the optimizer, and drop the whole window when it, or any of its micro-batches' losses, was not finite."""
         loss = super().training_step(*args, **kwargs)
         if not self.accelerator.sync_gradients:  # mid-accumulation: a NaN stays in the sum until the last micro-step
             return loss
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # One norm per tensor (no tensor-sized temporaries): a norm is finite iff every element is
-        if grads and not all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))]):
+        if not self._window_poisoned and not self._gradients_finite():
             self._nonfinite("gradients")
-            self.model.zero_grad(set_to_none=True)  # skip: with accumulation, the window's earlier batches go too
+        if self._window_poisoned:
+            self._window_poisoned = False
+            self._drop_window()
+        elif self._reported_skip:  # accelerate rewrites this flag only under AMP loss scaling: clear ours
+            self.optimizer._is_overflow = self._reported_skip = False
         return loss
 
+    def _gradients_finite(self) -> bool:
+        """True when every gradient is finite on every process; each rank joins the gather, with or without grads."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # One norm per tensor (no tensor-sized temporaries): a norm is finite iff every element is
+        return all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))] if grads else [])
+
     def _nonfinite(self, what: str) -> torch.Tensor:
-        """Stop with an error naming the step, or count a skipped batch and return a zero loss that still reaches
-        every trainable parameter (so DDP's gradient hooks fire on all ranks)."""
+        """Stop with an error naming the step, or mark the accumulation window for dropping and return a zero loss
+        that still reaches every trainable parameter (so DDP's gradient hooks fire on all ranks). All ranks come here
+        together: the checks gather."""
         if self.args.on_nonfinite == "stop":
             raise NonFiniteError(nonfinite_message(what, self.state.global_step + 1, self.args.output_dir))
+        self._window_poisoned = True
+        return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
+
+    def _drop_window(self):
+        """Make the coming optimizer step a no-op: the weights, the optimizer's state (AdamW's moments, step counts,
+        weight decay) and the LR schedule stay exactly as they are. A zero gradient would not do: AdamW would still
+        decay the weights and move its moments. The step reports itself skipped through accelerate's
+        `step_was_skipped` (as an AMP overflow does), so transformers' Trainer leaves the LR scheduler alone;
+        `global_step` still advances."""
         self._skipped_batches += 1
         self._metrics["train"]["gpo/skipped_batches"] = [self._skipped_batches]
-        return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
+        self.model.zero_grad(set_to_none=True)  # the window's earlier micro-batches go too; clipping sees no grads
+        optimizer = self.optimizer  # accelerate's AcceleratedOptimizer
+
+        def skipped_step(closure=None):
+            del optimizer.step  # back to the class's step for the next window
+            optimizer._is_overflow = True  # read by step_was_skipped
+
+        optimizer.step = skipped_step
+        self._reported_skip = True
 
     def _auxiliary_loss(self, mode, mean_token_logps, inputs) -> torch.Tensor:
         """UPO-style advantage-weighted likelihood of both responses (see gpo_trl.auxiliary), with its metrics."""
