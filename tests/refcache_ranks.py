@@ -1,0 +1,44 @@
+"""Run by test_refcache.py under `accelerate launch` with 2 processes (DDP over gloo on the CPU): build the same
+trainer twice with precomputed reference log-probs, in a setup where the ranks would disagree about the cache, and
+print what every rank did as one JSON line (from rank 0).
+
+    keys: every rank computes a different model hash (as ZeRO-3's shards give), one shared cache directory.
+    dirs: one model hash, but each rank has its own cache directory (as a node-local datasets cache gives).
+"""
+
+import json
+import sys
+
+import trl.trainer.dpo_trainer as dpo
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset
+from peft import LoraConfig
+
+from conftest import DATA, cpu_args, read_jsonl
+from gpo_trl import GPOConfig, GPOTrainer
+
+mode, model, tmp = sys.argv[1:]
+state = PartialState()
+rank = state.process_index
+if mode == "keys":
+    rank_zero_hash = dpo.hash_module
+    dpo.hash_module = lambda module: f"{rank_zero_hash(module)}-rank{rank}"  # where TRL's __init__ hashes the model
+cache_dir = f"{tmp}/cache" if mode == "keys" else f"{tmp}/cache-rank{rank}"
+
+passes = []
+compute = GPOTrainer.compute_ref_log_probs
+GPOTrainer.compute_ref_log_probs = lambda self, *args: passes.append(1) or compute(self, *args)
+
+dataset = Dataset.from_list(read_jsonl(DATA / "zen_standard_preference" / "train.jsonl")[:8])
+lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+runs = []
+for run in range(2):
+    passes.clear()
+    args = GPOConfig(output_dir=f"{tmp}/out", precompute_ref_log_probs=True, ref_logps_cache_dir=cache_dir,
+                     ddp_timeout=60, **cpu_args(per_device_train_batch_size=2))  # a stray collective fails in 60 s
+    trainer = GPOTrainer(model=model, args=args, train_dataset=dataset, peft_config=lora)
+    runs.append({"passes": len(passes), "ref_chosen_logps": trainer.train_dataset["ref_chosen_logps"]})
+everything = gather_object([{"rank": rank, "runs": runs}])
+if state.is_main_process:
+    print("RANKS " + json.dumps(everything), flush=True)
