@@ -15,10 +15,11 @@ import contextlib
 import inspect
 import os
 import textwrap
+import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import DistributedType, broadcast_object_list, is_peft_model
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 from trl.data_utils import maybe_extract_prompt
@@ -39,6 +40,12 @@ class GPOTrainer(DPOTrainer):
     loss = mean over pairs of f(beta_eff * rho), rho = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)],
     with f = `args.gpo_loss`, beta_eff = `args.effective_beta`, and rho per token when `args.gpo_length_normalize`.
     """
+
+    # Per-run flags, set on the instance when they change (the reference precompute runs inside DPOTrainer.__init__)
+    _window_poisoned = False  # a micro-batch of this accumulation window had a non-finite loss (on_nonfinite: skip)
+    _reported_skip = False  # the optimizer reports its last step as skipped (see _drop_window)
+    _warned_cache_not_shared = False
+    _warned_gradient_check_off = False
 
     _tag_names = ["trl", "dpo", "gpo", "gpo_trl"]
     _name = "GPO"
@@ -81,8 +88,6 @@ class GPOTrainer(DPOTrainer):
         self.preemption = PreemptionCallback(self.accelerator)
         self.add_callback(self.preemption)
         self._skipped_batches = 0
-        self._window_poisoned = False  # a micro-batch of this accumulation window had a non-finite loss
-        self._reported_skip = False  # the optimizer reports a skipped step (see _drop_window)
         self.gpo_loss = args.build_loss()
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
         self.beta = args.effective_beta
@@ -148,16 +153,44 @@ class GPOTrainer(DPOTrainer):
             return super()._precompute_ref_logps(dataset, name, batch_size)
         if self._padded_collator not in (None, self.data_collator):  # a later precompute (evaluate), packing on
             return self._with_padded_collator(self._precompute_ref_logps, dataset, name, batch_size)
-        path = self._ref_cache_dir / f"{refcache.cache_key(dataset, self._precompute_model_hash, self.args)}.arrow"
+        path = self._ref_cache_dir / f"{self._shared_cache_key(dataset)}.arrow"
         cached = refcache.load(path, len(dataset))
-        if cached is not None:
+        visible = self._ranks_with(cached is not None)
+        if visible[0]:  # rank 0 decides for everyone: a rank that computed alone would wait in a collective forever
+            if not all(visible):
+                self._warn_cache_not_shared(path, visible)
+                cached = Dataset(broadcast_object_list([cached.data.table if cached is not None else None])[0])
             self.accelerator.print(f"Reference log-probs for {name}: reused {path}")
             return concatenate_datasets([dataset.flatten_indices(), cached], axis=1)
         dataset = super()._precompute_ref_logps(dataset, name, batch_size)
         if self.accelerator.is_main_process:
             refcache.store(dataset, path)
         self.accelerator.wait_for_everyone()
+        visible = self._ranks_with(path.is_file())
+        if not all(visible):
+            self._warn_cache_not_shared(path, visible)
         return dataset
+
+    def _shared_cache_key(self, dataset) -> str:
+        """Rank 0's cache key, on every rank: the model hash is rank-dependent (ZeRO-3 shards the weights), as TRL
+        notes where it broadcasts its own."""
+        key = refcache.cache_key(dataset, self._precompute_model_hash, self.args) if self.accelerator.is_main_process \
+            else None
+        return broadcast_object_list([key])[0]
+
+    def _ranks_with(self, flag: bool) -> list[bool]:
+        """`flag` of every rank, in rank order."""
+        flags = self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device))
+        return [bool(value) for value in flags.tolist()]
+
+    def _warn_cache_not_shared(self, path, visible: list[bool]):
+        if self._warned_cache_not_shared or not self.accelerator.is_main_process:
+            return
+        self._warned_cache_not_shared = True
+        missing = ", ".join(f"rank {rank}" for rank, sees in enumerate(visible) if not sees)
+        warnings.warn(f"The reference log-probs cache directory {path.parent} is not shared: {missing} cannot see "
+                      f"{path.name}, which rank 0 wrote or read. Rank 0 sends the values to the others, so the run "
+                      "is correct; set `ref_logps_cache_dir` to a directory every node sees to skip that.")
 
     def _with_padded_collator(self, function, *args):
         """Run `function` with TRL's padded collator (TRL's precompute and reference helper expect its batches)."""
@@ -245,10 +278,28 @@ class GPOTrainer(DPOTrainer):
         return loss
 
     def _gradients_finite(self) -> bool:
-        """True when every gradient is finite on every process; each rank joins the gather, with or without grads."""
+        """True when every gradient is finite on every process; each rank joins the gather, with or without grads.
+        Where the gradients are out of reach the check is off: said once, loudly, and never counted as passed."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # the same on every rank: no gather
+            self._warn_gradient_check_off(
+                "DeepSpeed keeps the gradients in its own (partitioned) buffers and takes its optimizer step inside "
+                "backward, before this check could run. With `on_nonfinite: skip` a skipped batch's zero loss still "
+                "goes through that step (weight decay and the optimizer's moments move)")
+            return True
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # One norm per tensor (no tensor-sized temporaries): a norm is finite iff every element is
-        return all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))] if grads else [])
+        finite = all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))] if grads else [])
+        if not grads and any(p.requires_grad for p in self.model.parameters()):
+            self._warn_gradient_check_off("no trainable parameter holds a .grad after backward (the gradients are "
+                                          "kept elsewhere, as DeepSpeed ZeRO keeps them)")
+        return finite
+
+    def _warn_gradient_check_off(self, reason: str):
+        if self._warned_gradient_check_off or not self.accelerator.is_main_process:
+            return
+        self._warned_gradient_check_off = True
+        warnings.warn(f"The gradient finiteness check is OFF for this run: {reason}. Only the loss is checked "
+                      "(before backward); watch `grad_norm` in the logs.")
 
     def _nonfinite(self, what: str) -> torch.Tensor:
         """Stop with an error naming the step, or mark the accumulation window for dropping and return a zero loss

@@ -3,7 +3,8 @@ trainer twice with precomputed reference log-probs, in a setup where the ranks w
 print what every rank did as one JSON line (from rank 0).
 
     keys: every rank computes a different model hash (as ZeRO-3's shards give), one shared cache directory.
-    dirs: one model hash, but each rank has its own cache directory (as a node-local datasets cache gives).
+    dirs: one model hash, but each rank has its own `ref_logps_cache_dir` (as the default, in a node-local datasets
+          cache, gives on several nodes).
 """
 
 import json
@@ -12,14 +13,15 @@ import sys
 import trl.trainer.dpo_trainer as dpo
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from datasets import Dataset
+from datasets import load_dataset
 from peft import LoraConfig
 
-from conftest import DATA, cpu_args, read_jsonl
+from conftest import DATA, cpu_args
 from gpo_trl import GPOConfig, GPOTrainer
 
 mode, model, tmp = sys.argv[1:]
-state = PartialState()
+state = PartialState(cpu=True)  # as `use_cpu: true` gives: one gloo group over both processes
+assert state.num_processes == 2, state
 rank = state.process_index
 if mode == "keys":
     rank_zero_hash = dpo.hash_module
@@ -30,7 +32,9 @@ passes = []
 compute = GPOTrainer.compute_ref_log_probs
 GPOTrainer.compute_ref_log_probs = lambda self, *args: passes.append(1) or compute(self, *args)
 
-dataset = Dataset.from_list(read_jsonl(DATA / "zen_standard_preference" / "train.jsonl")[:8])
+with state.main_process_first():  # a datasets cache all ranks see: TRL's own precompute reads its file on every rank
+    dataset = load_dataset("json", data_files=str(DATA / "zen_standard_preference" / "train.jsonl"), split="train[:8]",
+                           cache_dir=f"{tmp}/hf")
 lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 runs = []
 for run in range(2):
@@ -38,7 +42,7 @@ for run in range(2):
     args = GPOConfig(output_dir=f"{tmp}/out", precompute_ref_log_probs=True, ref_logps_cache_dir=cache_dir,
                      ddp_timeout=60, **cpu_args(per_device_train_batch_size=2))  # a stray collective fails in 60 s
     trainer = GPOTrainer(model=model, args=args, train_dataset=dataset, peft_config=lora)
-    runs.append({"passes": len(passes), "ref_chosen_logps": trainer.train_dataset["ref_chosen_logps"]})
+    runs.append({"passes": len(passes), "ref_chosen_logps": list(trainer.train_dataset["ref_chosen_logps"])})
 everything = gather_object([{"rank": rank, "runs": runs}])
 if state.is_main_process:
     print("RANKS " + json.dumps(everything), flush=True)

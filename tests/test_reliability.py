@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 
 import pytest
 import torch
@@ -272,6 +273,28 @@ def test_a_skipped_step_changes_nothing(gradient_only, accumulation, poisoned, t
     after = [e["loss"] for e in logs[2:]]
     assert all(later < earlier for earlier, later in zip(after, after[1:])) and after[-1] < logs[0]["loss"]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_gradients_out_of_reach_turn_the_check_off_loudly(tiny_models, zen_dataset, tmp_path):
+    """As under DeepSpeed ZeRO, each trainable parameter's gradient is moved elsewhere during backward (a hook takes
+    it and leaves .grad None). The NaN gradients of steps 2-4 then reach no .grad and cannot be checked: the run
+    says so once, loudly, instead of passing them as checked."""
+    trainer = nan_trainer(tiny_models, zen_dataset, tmp_path, loss="poisoned_gradient")
+    moved = []
+
+    def move_away(parameter):
+        moved.append(bool(torch.isfinite(parameter.grad).all()))
+        parameter.grad = None
+
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad:
+            parameter.register_post_accumulate_grad_hook(move_away)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.train()
+    off = [str(w.message) for w in record if "gradient finiteness check is OFF" in str(w.message)]
+    assert len(off) == 1 and "no trainable parameter holds a .grad" in off[0]
+    assert moved and not all(moved)  # NaN gradients did arrive, unchecked
 
 
 @pytest.mark.parametrize("name", available_losses())
