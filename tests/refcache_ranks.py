@@ -9,6 +9,7 @@ print what every rank did as one JSON line (from rank 0).
 
 import json
 import sys
+from datetime import timedelta
 
 import trl.trainer.dpo_trainer as dpo
 from accelerate import PartialState
@@ -20,7 +21,9 @@ from conftest import DATA, cpu_args
 from gpo_trl import GPOConfig, GPOTrainer
 
 mode, model, tmp = sys.argv[1:]
-state = PartialState(cpu=True)  # as `use_cpu: true` gives: one gloo group over both processes
+# One gloo group over both processes, as `use_cpu: true` gives; a collective that one rank enters alone fails
+# after 60 s instead of waiting for the default 30 minutes (TrainingArguments passes no ddp_timeout on the CPU)
+state = PartialState(cpu=True, timeout=timedelta(seconds=60))
 assert state.num_processes == 2, state
 rank = state.process_index
 if mode == "keys":
@@ -40,7 +43,7 @@ runs = []
 for run in range(2):
     passes.clear()
     args = GPOConfig(output_dir=f"{tmp}/out", precompute_ref_log_probs=True, ref_logps_cache_dir=cache_dir,
-                     ddp_timeout=60, **cpu_args(per_device_train_batch_size=2))  # a stray collective fails in 60 s
+                     **cpu_args(per_device_train_batch_size=2))
     trainer = GPOTrainer(model=model, args=args, train_dataset=dataset, peft_config=lora)
     runs.append({"passes": len(passes), "ref_chosen_logps": list(trainer.train_dataset["ref_chosen_logps"])})
 everything = gather_object([{"rank": rank, "runs": runs}])

@@ -73,14 +73,15 @@ def test_a_stale_or_broken_cache_file_is_recomputed_not_trusted(tiny_models, tmp
 
 
 def launch_two_ranks(mode, model, tmp_path, timeout=240):
-    """`accelerate launch` 2 gloo processes of refcache_ranks.py on a free port; kill the whole group if it hangs."""
+    """`accelerate launch` 2 gloo processes of refcache_ranks.py on a free port; kill them all if they hang."""
     import json
     import os
-    import signal
     import socket
     import subprocess
     import sys
     from pathlib import Path
+
+    import psutil
 
     from conftest import REPO
 
@@ -98,7 +99,9 @@ def launch_two_ranks(mode, model, tmp_path, timeout=240):
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        workers = psutil.Process(process.pid).children(recursive=True)  # torch's launcher gives each its own session
+        for worker in [*workers, psutil.Process(process.pid)]:
+            worker.kill()
         out, err = process.communicate()
         pytest.fail(f"the ranks hung (no result in {timeout} s):\n{err[-3000:]}")
     assert process.returncode == 0, err[-3000:]
