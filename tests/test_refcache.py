@@ -6,7 +6,7 @@ import torch
 from datasets import load_dataset
 from peft import LoraConfig
 
-from conftest import DATA, cpu_args, logged_steps
+from conftest import DATA, cpu_args, launch_two_ranks, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer
 
 
@@ -72,48 +72,11 @@ def test_a_stale_or_broken_cache_file_is_recomputed_not_trusted(tiny_models, tmp
     torch.testing.assert_close(torch.tensor(again.train_dataset["ref_chosen_logps"]), torch.tensor(expected))
 
 
-def launch_two_ranks(mode, model, tmp_path, timeout=240):
-    """`accelerate launch` 2 gloo processes of refcache_ranks.py on a free port; kill them all if they hang."""
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import psutil
-
-    from conftest import REPO
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
-           "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "gpo_trl" / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(port),
-               str(tests / "refcache_ranks.py"), mode, str(model), str(tmp_path)]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        workers = psutil.Process(process.pid).children(recursive=True)  # torch's launcher gives each its own session
-        for worker in [*workers, psutil.Process(process.pid)]:
-            worker.kill()
-        out, err = process.communicate()
-        pytest.fail(f"the ranks hung (no result in {timeout} s):\n{err[-3000:]}")
-    assert process.returncode == 0, err[-3000:]
-    [line] = [line for line in out.splitlines() if line.startswith("RANKS ")]
-    return sorted(json.loads(line[len("RANKS "):]), key=lambda entry: entry["rank"]), err
-
-
 @pytest.mark.slow
 def test_ranks_with_different_model_hashes_share_rank_zeros_key(tiny_models, tmp_path):
     """Each rank hashes the reference differently (under ZeRO-3 each holds another shard): all use rank 0's key, so
     the second run is one shared hit (no rank computes alone, nobody hangs) and its values are the first run's."""
-    ranks, _ = launch_two_ranks("keys", tiny_models["llama"], tmp_path)
+    ranks, _ = launch_two_ranks("refcache_ranks.py", tiny_models["llama"], tmp_path, "keys")
     assert [[run["passes"] > 0 for run in r["runs"]] for r in ranks] == [[True, False], [True, False]]
     first = ranks[0]["runs"][0]["ref_chosen_logps"]
     assert len(first) == 8 and all(run["ref_chosen_logps"] == first for r in ranks for run in r["runs"])
@@ -125,7 +88,7 @@ def test_ranks_with_separate_cache_dirs_take_one_decision(tiny_models, tmp_path)
     """Each rank has its own cache directory and only rank 0 writes: on the second run rank 0 has the file, rank 1
     not. Rank 0's hit is everyone's: rank 1 gets the values from rank 0 and does no reference pass (rather than
     entering the precompute's collectives alone), and a warning says the directory is not shared."""
-    ranks, err = launch_two_ranks("dirs", tiny_models["llama"], tmp_path)
+    ranks, err = launch_two_ranks("refcache_ranks.py", tiny_models["llama"], tmp_path, "dirs")
     assert [[run["passes"] > 0 for run in r["runs"]] for r in ranks] == [[True, False], [True, False]]
     first = ranks[0]["runs"][0]["ref_chosen_logps"]
     assert all(run["ref_chosen_logps"] == first for r in ranks for run in r["runs"])

@@ -18,7 +18,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import REPO, console_script, cpu_args, logged_steps
+from conftest import REPO, console_script, cpu_args, launch_two_ranks, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer, available_losses
 from gpo_trl.data import DataError, check_dataset, check_row
 from gpo_trl.guards import NonFiniteError, last_complete_checkpoint
@@ -273,6 +273,16 @@ def test_a_skipped_step_changes_nothing(gradient_only, accumulation, poisoned, t
     after = [e["loss"] for e in logs[2:]]
     assert all(later < earlier for earlier, later in zip(after, after[1:])) and after[-1] < logs[0]["loss"]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_skipped_by_all(tiny_models, tmp_path):
+    """2 DDP processes over gloo, the loss NaN at step 2 on rank 1 only: both ranks skip that step (one decision),
+    each keeps weights, AdamW state and LR schedule bit-identical across it, and both end with the same weights."""
+    ranks, _ = launch_two_ranks("skip_ranks.py", tiny_models["llama"], tmp_path)
+    assert [(r["weights_kept"], r["optimizer_kept"], r["schedule_kept"], r["step_3_updated"]) for r in ranks] == \
+        [(True, True, True, True)] * 2
+    assert ranks[0]["weights"] == ranks[1]["weights"]
 
 
 def test_gradients_out_of_reach_turn_the_check_off_loudly(tiny_models, zen_dataset, tmp_path):
