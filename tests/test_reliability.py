@@ -263,7 +263,7 @@ def test_a_skipped_step_changes_nothing(gradient_only, accumulation, poisoned, t
         snapshots.steps[:3]
     assert_identical(weights_1, weights_2)
     assert_identical(moments_1, moments_2)
-    assert {k: moments_1[k].item() for k in moments_1 if k[1] == "step"} == {k: 1.0 for k in moments_1 if k[1] == "step"}
+    assert {moments_2[k].item() for k in moments_2 if k[1] == "step"} == {1.0}  # AdamW counted one step only
     assert schedule_2 == schedule_1
     assert schedule_3["last_epoch"] == schedule_1["last_epoch"] + 1
     assert not all(torch.equal(weights_2[n], weights_3[n]) for n in weights_2)  # step 3 is a real update
