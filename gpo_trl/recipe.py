@@ -141,6 +141,10 @@ def main(script_args, training_args, model_args, dataset_args):
         peft_config=get_peft_config(model_args),
     )
     trainer.dataset_names = dataset_names(script_args, dataset_args)
+    if model_args.load_in_4bit:
+        from .fourbit import describe_4bit_kernel
+
+        PartialState().print(describe_4bit_kernel(trainer.accelerator.device.type))
     before = trainer.evaluate() if eval_dataset is not None and script_args.eval_before_training else None
     trainer.train(resume_from_checkpoint=resume_point(training_args))
     if trainer.preemption.signal is not None:
