@@ -3,6 +3,7 @@
     gpo-trl train --config recipe.yaml [--key value ...] [--accelerate_config NAME|PATH] [--num_processes N]
     gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
+    gpo-trl merge --adapter_path DIR --output_dir OUT [--dtype bfloat16] [--push_to_hub --hub_model_id ID]
     gpo-trl sweep --config sweep.yaml
     gpo-trl study --config configs/studies/gold_reward.yaml --out docs/study
     gpo-trl losses
@@ -167,6 +168,31 @@ def push(argv: list[str]) -> int:
     return 0
 
 
+def merge(argv: list[str]) -> int:
+    from .merge import TOLERANCES, MergeError, merge_adapter
+
+    parser = argparse.ArgumentParser(prog="gpo-trl merge", description="Merge a trained LoRA/QLoRA adapter into its "
+                                     "base model and save a standalone model (checked against the adapter first).")
+    parser.add_argument("--adapter_path", required=True, help="a LoRA/QLoRA run's output_dir")
+    parser.add_argument("--output_dir", required=True, help="where the merged model goes (new, empty, or an earlier "
+                        "merge's output)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES),
+                        help="dtype the base is loaded and merged in (a QLoRA base too: never the 4-bit weights)")
+    parser.add_argument("--tolerance", type=float, help="largest accepted per-token log-prob difference between the "
+                        f"merged model and the adapter on the base (default: {TOLERANCES})")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id")
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        merge_adapter(args.adapter_path, args.output_dir, dtype=args.dtype, tolerance=args.tolerance,
+                      push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, private=args.private or None)
+    except MergeError as err:
+        print(f"gpo-trl: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def sweep(argv: list[str]) -> int:
     from .experiments.sweep import __doc__ as sweep_doc
     from .experiments.sweep import load_sweep, run_sweep
@@ -204,11 +230,12 @@ def losses(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train, "evaluate": evaluate, "push": push, "sweep": sweep, "study": study,
-                "losses": losses}
+                "losses": losses, "merge": merge}
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="gpo-trl", description="Generalized Preference Optimization on TRL.")
         parser.add_argument("command", choices=sorted(commands),
                             help="train: run a recipe; evaluate: score a trained adapter; push: upload a finished run; "
+                            "merge: fold a LoRA adapter into its base model; "
                             "sweep: a grid of runs; study: the controlled gold-reward study; losses: list the GPO loss "
                             "functions")
         parser.parse_args(argv[:1])

@@ -195,7 +195,11 @@ def write_run_record(trainer, before: dict | None, after: dict | None):
     metrics.update(final_metrics(trainer.state.log_history))
     metrics.update(after or {})
     metrics.update({f"before_{k}": v for k, v in (before or {}).items()})
+    model = trainer.model
+    quantization = "4-bit" if getattr(model, "is_loaded_in_4bit", False) else (
+        "8-bit" if getattr(model, "is_loaded_in_8bit", False) else None)
     record = {"gpo_loss": trainer.args.gpo_loss, "beta": trainer.args.beta, "effective_beta": trainer.beta,
+              "datasets": trainer.dataset_names, "quantization": quantization,  # read by `gpo-trl merge`
               "steps": trainer.state.global_step, "metrics": metrics}
     write_text_atomic(Path(trainer.args.output_dir) / "gpo_run.json", json.dumps(record, indent=2))
 
