@@ -22,9 +22,10 @@ from pathlib import Path
 from .recipe import ConfigError
 
 # Largest accepted |merged - adapter-on-base| per-token log-prob difference. float32: exact up to rounding (measured
-# ~1e-6 on the tiny test models). Half precisions round the merged weights W + BA to 8 (bf16) or 11 (fp16) bits, so
-# the merged model is a slightly different model; the bound is loose and the measured value is printed and recorded.
-TOLERANCES = {"float32": 1e-5, "bfloat16": 0.25, "float16": 0.05}
+# 9.5e-7 on the tiny demo model). Half precisions round the merged weights W + BA to 8 (bf16) or 11 (fp16) mantissa
+# bits, so the merged model is a slightly different model: measured 2.2e-3 (bf16) and 3.9e-4 (fp16) on the tiny
+# model; rounding grows with width and depth, so the bounds are loose. The measured value is printed and recorded.
+TOLERANCES = {"float32": 1e-5, "bfloat16": 0.1, "float16": 0.05}
 
 # Probe texts for the check: any text works (the claim is that two computations of the same function agree), these
 # cover plain prose, code, digits and punctuation.

@@ -83,8 +83,14 @@ def test_lora_merge_equals_the_adapter_and_carries_the_gpo_card(lora_run, capsys
     assert record["check"]["max_abs_diff"] <= 1e-5 and not (out / ".gpo-merging").exists()
 
 
-def test_a_failed_check_writes_nothing(lora_run, capsys):
-    """bfloat16 rounds the merged weights, so the log-probs move by far more than 1e-7: the merge is refused."""
+def test_bfloat16_merge_within_its_bound_and_a_failed_check_writes_nothing(lora_run, capsys):
+    """bfloat16 rounds the merged weights: the log-probs move by more than float32's 1e-5 but stay within the bf16
+    bound (0.1); with a bound of 1e-7 the same merge is refused and nothing is written."""
+    assert cli(["merge", "--adapter_path", str(lora_run / "out"), "--output_dir", str(lora_run / "bf16"),
+                "--dtype", "bfloat16"]) == 0
+    measured = json.loads((lora_run / "bf16" / "gpo_merge.json").read_text())["check"]["max_abs_diff"]
+    assert 1e-5 < measured <= 0.1
+    assert AutoModelForCausalLM.from_pretrained(lora_run / "bf16").dtype == torch.bfloat16
     out = lora_run / "refused"
     code = cli(["merge", "--adapter_path", str(lora_run / "out"), "--output_dir", str(out), "--dtype", "bfloat16",
                 "--tolerance", "1e-7"])
