@@ -59,3 +59,30 @@ def test_sweep_runs_resumes_and_tabulates(tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("finished earlier, skipped") == 3 and "gpo_loss=hinge,beta=0.5: running" in log
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_plots_tick_at_the_grid_values_and_colour_by_loss(tmp_path):
+    """Drawn from a synthetic table (no training): a beta axis labels the three grid values and no minor ticks; with
+    a metric on x there is one curve per loss (3 lines, not one per point), one marker per beta, one legend entry
+    per loss and per beta."""
+    from gpo_trl.experiments.sweep import plot_figure
+
+    sweep = load_sweep(str(write_sweep(tmp_path, grid={"gpo_loss": ["logistic", "squared", "hinge"],
+                                                       "beta": [0.02, 0.1, 0.5]})))
+    rows = [{"gpo_loss": loss, "beta": beta, "eval_gpo/margin": 10 * i + j, "eval_gpo/offline_reg": (10 * i + j) ** 2}
+            for i, loss in enumerate(sweep.grid["gpo_loss"]) for j, beta in enumerate(sweep.grid["beta"])]
+    axis = plot_figure(rows, sweep, {"x": "beta", "y": "eval_gpo/margin"}).axes[0]
+    assert axis.get_xscale() == "log" and list(axis.get_xticks()) == [0.02, 0.1, 0.5]
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["0.02", "0.1", "0.5"]
+    assert not axis.xaxis.get_minorticklocs().size
+    assert len(axis.get_lines()) == 3
+
+    axis = plot_figure(rows, sweep, {"x": "eval_gpo/offline_reg", "y": "eval_gpo/margin"}).axes[0]
+    assert len(axis.get_lines()) == 3  # one per loss
+    assert {c.get_paths()[0].vertices.tobytes() for c in axis.collections}.__len__() == 3  # 3 marker shapes
+    assert [t.get_text() for t in axis.get_legend().get_texts()] == [
+        "gpo_loss=logistic", "gpo_loss=squared", "gpo_loss=hinge", "beta=0.02", "beta=0.1", "beta=0.5"]
+    colours = {loss: line.get_color() for loss, line in zip(sweep.grid["gpo_loss"], axis.get_lines())}
+    assert len(set(colours.values())) == 3
+    with pytest.raises(ConfigError, match="scales `linear` or `log`"):
+        load_sweep(str(write_sweep(tmp_path, plots=[{"x": "beta", "y": "eval_loss", "yscale": "symlog"}])))
