@@ -1,6 +1,7 @@
 """The `gpo-trl` command.
 
     gpo-trl train --config recipe.yaml [--key value ...] [--accelerate_config NAME|PATH] [--num_processes N]
+                  [-- ACCELERATE_LAUNCH_FLAGS ...]
     gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
     gpo-trl merge --adapter_path DIR --output_dir OUT [--dtype bfloat16] [--push_to_hub --hub_model_id ID]
@@ -104,13 +105,23 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
     raise ConfigError(f"Accelerate config {name_or_path!r} is neither a file nor one of the shipped configs: {names}.")
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`gpo-trl train ... -- --rdzv_backend c10d --max_restarts 1`: what follows `--` goes to `accelerate launch`
+    verbatim (after our own launch flags, so it wins where both set the same flag)."""
+    if "--" not in argv:
+        return argv, []
+    index = argv.index("--")
+    return argv[:index], argv[index + 1:]
+
+
 def train(argv: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    argv, passthrough = split_passthrough(argv)
     launch, recipe_args = split_launch_args(argv)
     parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
-    launch_parser = launch_command_parser()
-    accelerate_args = launch_parser.parse_args(accelerate_launch_args(launch) + ["-m", "gpo_trl.recipe"] + recipe_args)
+    accelerate_args = parse_accelerate_args(accelerate_launch_args(launch) + passthrough, recipe_args,
+                                            launch_command_parser())
     _forward_signals_to_children()
     try:
         launch_command(accelerate_args)
@@ -121,6 +132,16 @@ def train(argv: list[str]) -> int:
             raise
         return 1
     return 0
+
+
+def parse_accelerate_args(launch_flags: list[str], recipe_args: list[str], launch_parser):
+    """accelerate's own parser reads the launch flags; a flag it does not know is a ConfigError naming it."""
+    unknown = [flag for flag in launch_flags if flag.startswith("--") and flag.split("=")[0] not in
+               {opt for action in launch_parser._actions for opt in action.option_strings}]
+    if unknown:
+        raise ConfigError(f"`accelerate launch` has no option {unknown[0]!r} (given after `--`); see "
+                          "`accelerate launch --help`.")
+    return launch_parser.parse_args(launch_flags + ["-m", "gpo_trl.recipe"] + recipe_args)
 
 
 def _forward_signals_to_children():
@@ -245,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
         make_parser(prog="gpo-trl train").print_help()
         print("\nLaunch options: --accelerate_config NAME|PATH, --num_processes N, --num_machines, --machine_rank, "
-              "--main_process_ip, --main_process_port.")
+              "--main_process_ip, --main_process_port. Any other `accelerate launch` flag goes after `--`, e.g. "
+              "`gpo-trl train --config r.yaml -- --rdzv_backend c10d --max_restarts 1`.")
         return 0
     try:
         return commands[command](rest)
