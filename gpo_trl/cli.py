@@ -5,7 +5,7 @@
     gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
     gpo-trl merge --adapter_path DIR --output_dir OUT [--dtype bfloat16] [--push_to_hub --hub_model_id ID]
-    gpo-trl sweep --config sweep.yaml
+    gpo-trl sweep --config sweep.yaml [--emit-slurm DIR | --point INDEX | --collect]
     gpo-trl study --config configs/studies/gold_reward.yaml --out docs/study
     gpo-trl losses
 """
@@ -221,11 +221,57 @@ def sweep(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpo-trl sweep", description=sweep_doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the sweep file")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--emit-slurm", metavar="DIR", dest="emit_slurm",
+                      help="write DIR/sweep.sbatch, a SLURM job array with one task per unfinished point, instead "
+                      "of running the points here")
+    mode.add_argument("--point", type=int, metavar="INDEX", help="run one point (0-based, in grid order), resuming "
+                      "from its last checkpoint; what each task of the SLURM array runs")
+    mode.add_argument("--collect", action="store_true", help="rebuild results.csv and the plots from the points' "
+                      "outputs (after a SLURM array)")
     args = parser.parse_args(argv)
     plan = load_sweep(args.config)  # every point is checked before the first one runs
+    if args.emit_slurm:
+        return _emit_slurm(plan, args.config, args.emit_slurm)
+    if args.point is not None:
+        return _sweep_point(plan, args.point)
+    if args.collect:
+        from .experiments.sweep import collect_points
+
+        rows, missing = collect_points(plan)
+        print(f"{len(rows)} points in {plan.output_dir / 'results.csv'}"
+              + (f"; not finished: {', '.join(missing)}" if missing else ""))
+        return 0
     rows = run_sweep(plan)
     print(f"{len(rows)} points in {plan.output_dir / 'results.csv'}")
     return 0
+
+
+def _emit_slurm(plan, config: str, directory: str) -> int:
+    from .experiments.slurm_array import emit_slurm_array
+
+    script = emit_slurm_array(plan, config, directory)
+    if script is None:
+        print(f"Every point of {config} is finished; nothing to submit. `gpo-trl sweep --config {config} --collect` "
+              "rebuilds the table and plots.")
+    else:
+        print(f"Wrote {script} (points and commands: {script.parent / 'points.tsv'}). Submit with: sbatch {script}")
+    return 0
+
+
+def _sweep_point(plan, index: int) -> int:
+    from .experiments.sweep import finished, point_name, run_point
+
+    points = plan.points()
+    if not 0 <= index < len(points):
+        raise ConfigError(f"`--point {index}` is out of range: the sweep has {len(points)} points (0-{len(points) - 1}).")
+    point = points[index]
+    if finished(plan, point):
+        print(f"Point {index} ({point_name(point)}) finished earlier, skipped.")
+        return 0
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    _forward_signals_to_children()  # a TERM to this task reaches the point's training (it checkpoints, exits 3)
+    return run_point(plan, point, resume=True)
 
 
 def study(argv: list[str]) -> int:

@@ -93,27 +93,62 @@ def _cli_value(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def point_command(sweep: Sweep, point: dict, resume: bool = False) -> list[str]:
+    """The `gpo-trl train` command of one point. `resume`: continue from the point's last complete checkpoint (a
+    requeued cluster task); placed before the point's settings so that an explicit override still wins."""
+    resume_args = ["--resume_from_checkpoint", "last"] if resume else []
+    return [sys.executable, "-m", "gpo_trl", "train", "--config", str(sweep.base), *sweep.launch, *resume_args,
+            *recipe_args(sweep, point, sweep.output_dir / point_name(point))]
+
+
+def finished(sweep: Sweep, point: dict) -> bool:
+    return (sweep.output_dir / point_name(point) / "result.json").is_file()
+
+
+def run_point(sweep: Sweep, point: dict, resume: bool = False) -> int:
+    """Train one point (unless finished) and mark it finished with result.json; returns the training's exit code."""
+    point_dir = sweep.output_dir / point_name(point)
+    code = subprocess.run(point_command(sweep, point, resume=resume)).returncode
+    if code == 0:
+        write_text_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
+    return code
+
+
 def run_sweep(sweep: Sweep) -> list[dict]:
     """Run the unfinished points, then write the results table and the plots."""
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     points = sweep.points()
     for index, point in enumerate(points, start=1):
-        point_dir = sweep.output_dir / point_name(point)
-        if (point_dir / "result.json").is_file():
+        if finished(sweep, point):
             print(f"[{index}/{len(points)}] {point_name(point)}: finished earlier, skipped")
             continue
         print(f"[{index}/{len(points)}] {point_name(point)}: running", flush=True)
-        command = [sys.executable, "-m", "gpo_trl", "train", "--config", str(sweep.base), *sweep.launch,
-                   *recipe_args(sweep, point, point_dir)]
-        if subprocess.run(command).returncode != 0:
+        if run_point(sweep, point) != 0:
             raise RuntimeError(f"Sweep point {point_name(point)} failed (see its output above); finished points are "
                                f"kept, rerun `gpo-trl sweep` to resume.")
-        write_text_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
         write_tables(sweep)  # current after every point, so an interrupted sweep still has its table
+    return tabulate_and_plot(sweep)
+
+
+def tabulate_and_plot(sweep: Sweep) -> list[dict]:
     rows = write_tables(sweep)
     for plot in sweep.plots:
         draw(rows, sweep, plot)
     return rows
+
+
+def collect_points(sweep: Sweep) -> tuple[list[dict], list[str]]:
+    """`gpo-trl sweep --collect`: the table and plots rebuilt from the points' outputs (e.g. after a SLURM array).
+    A point whose run finished (gpo_run.json) but was not marked (no result.json) is marked now. Returns the rows
+    and the names of the points without a finished run."""
+    missing = []
+    for point in sweep.points():
+        point_dir = sweep.output_dir / point_name(point)
+        if not finished(sweep, point) and (point_dir / "gpo_run.json").is_file():
+            write_text_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
+        if not finished(sweep, point):
+            missing.append(point_name(point))
+    return tabulate_and_plot(sweep), missing
 
 
 def collect(point: dict, point_dir: Path) -> dict:
