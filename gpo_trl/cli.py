@@ -264,7 +264,8 @@ def _sweep_point(plan, index: int) -> int:
 
     points = plan.points()
     if not 0 <= index < len(points):
-        raise ConfigError(f"`--point {index}` is out of range: the sweep has {len(points)} points (0-{len(points) - 1}).")
+        raise ConfigError(f"`--point {index}` is out of range: the sweep has {len(points)} points "
+                          f"(0-{len(points) - 1}).")
     point = points[index]
     if finished(plan, point):
         print(f"Point {index} ({point_name(point)}) finished earlier, skipped.")

@@ -37,7 +37,8 @@ def describe_4bit_kernel(device_type: str) -> str:
     from bitsandbytes.backends.cpu import ops
 
     if getattr(ops, "gemm_4bit_forward_kernel", None) is not None:
-        return "4-bit layers: bitsandbytes CPU kernels, with the fused Hub kernel kernels-community/quantization-bitsandbytes."
+        return ("4-bit layers: bitsandbytes CPU kernels, with the fused Hub kernel "
+                "kernels-community/quantization-bitsandbytes.")
     reason = f" (not loaded: {_held[-1].split(': ', 1)[-1].split('. Please')[0]})" if _held else ""
     return ("4-bit layers: bitsandbytes' built-in CPU kernels (dequantize + matmul). The optional fused kernel "
             f"kernels-community/quantization-bitsandbytes is not used{reason}; it needs `pip install kernels` and "

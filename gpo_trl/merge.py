@@ -21,10 +21,11 @@ from pathlib import Path
 
 from .recipe import ConfigError
 
-# Largest accepted |merged - adapter-on-base| per-token log-prob difference. float32: exact up to rounding (measured
-# 9.5e-7 on the tiny demo model). Half precisions round the merged weights W + BA to 8 (bf16) or 11 (fp16) mantissa
-# bits, so the merged model is a slightly different model: measured 2.2e-3 (bf16) and 3.9e-4 (fp16) on the tiny
-# model; rounding grows with width and depth, so the bounds are loose. The measured value is printed and recorded.
+# Largest accepted |merged - adapter-on-base| per-token log-prob difference. float32: exact up to rounding
+# (measured once: 9.5e-7 on the tiny demo model after 6 steps). Half precisions round the merged weights W + BA to
+# 8 (bf16) or 11 (fp16) mantissa bits, so the merged model is a slightly different model: measured once 2.2e-3
+# (bf16) and 3.9e-4 (fp16) on the tiny model; rounding grows with width and depth, so these bounds are loose. The
+# measured value is printed and recorded in OUT/gpo_merge.json.
 TOLERANCES = {"float32": 1e-5, "bfloat16": 0.1, "float16": 0.05}
 
 # Probe texts for the check: any text works (the claim is that two computations of the same function agree), these
@@ -185,8 +186,9 @@ def model_card(adapter_path: str, base_name: str, dtype: str, check: MergeCheck,
               f"- PEFT `merge_and_unload` onto the base loaded in {dtype}"
               + (f" (the adapter was trained on a {record['quantization']} base; merged onto the {dtype} weights)"
                  if record.get("quantization") else ""),
-              f"- Checked: per-token log-probs of the merged model vs the adapter on the base, {check.rows} probe texts "
-              f"({check.tokens} tokens): max |difference| {check.max_abs_diff:.3g}, tolerance {check.tolerance:g}",
+              f"- Checked: per-token log-probs of the merged model vs the adapter on the base, {check.rows} probe "
+              f"texts ({check.tokens} tokens): max |difference| {check.max_abs_diff:.3g}, "
+              f"tolerance {check.tolerance:g}",
               "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{hub_model_id or "path/to/this/folder"}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{hub_model_id or "path/to/this/folder"}")', "```", ""]

@@ -44,7 +44,8 @@ def fake_allocation(tmp_path, srun_body: str) -> dict:
 
 
 # srun's stand-in: skip its own options, run the task command once per node (as srun does, one task per node)
-PER_NODE_SRUN = 'while [[ "$1" == --* ]]; do shift; done\nfor node in 0 1; do SLURM_NODEID=$node "$@" || exit $?; done\n'
+PER_NODE_SRUN = ('while [[ "$1" == --* ]]; do shift; done\n'
+                 'for node in 0 1; do SLURM_NODEID=$node "$@" || exit $?; done\n')
 
 
 def test_sbatch_script_parses():

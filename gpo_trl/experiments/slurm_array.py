@@ -77,7 +77,8 @@ def emit_slurm_array(sweep: Sweep, sweep_file: str, directory: str) -> Path | No
     script.chmod(0o755)
     lines = ["index\tpoint\tcommand"]
     # the command as a person would type it (point_command starts with `python -m gpo_trl`)
-    lines += [f"{i}\t{point_name(points[i])}\t{shlex.join(['gpo-trl', *point_command(sweep, points[i], resume=True)[3:]])}"
-              for i in todo]
+    for i in todo:
+        command = ["gpo-trl", *point_command(sweep, points[i], resume=True)[3:]]
+        lines.append(f"{i}\t{point_name(points[i])}\t{shlex.join(command)}")
     write_text_atomic(directory / "points.tsv", "\n".join(lines) + "\n")
     return script

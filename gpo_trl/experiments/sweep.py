@@ -10,12 +10,16 @@
     launch: [--num_processes, "1"]      # options for the launcher, as for `gpo-trl train`
     plots:                              # PNGs next to the results table
       - {x: beta, y: eval_rewards/accuracies}
-      - {x: eval_gpo/offline_reg, y: eval_rewards/accuracies}
+      - {x: eval_gpo/offline_reg, y: eval_logps/chosen, xscale: log}   # also: yscale
 
 Points run one after another through the same launcher as `gpo-trl train`. A point whose `result.json` exists is
 finished and skipped, so an interrupted sweep resumes where it stopped. All points share one reference log-probs
 cache, so with `precompute_ref_log_probs: true` the reference pass runs once for the whole sweep. Results go to
 `results.jsonl` and `results.csv` (rewritten atomically after every point) and the plots to `plot_<y>_vs_<x>.png`.
+
+On a SLURM cluster: `--emit-slurm DIR` writes a job array of the unfinished points (one task each, running
+`--point INDEX`), and `--collect` rebuilds the table and plots from the points' outputs (see
+gpo_trl/experiments/slurm_array.py).
 """
 
 from __future__ import annotations
