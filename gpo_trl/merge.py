@@ -125,10 +125,14 @@ def merge_adapter(adapter_path: str, output_dir: str, dtype: str = "float32", to
 
 
 def probe_batch(tokenizer):
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer(PROBES, return_tensors="pt", padding=True)
+    """The probe texts right-padded by hand (the saved tokenizer's padding settings stay as they were)."""
+    import torch
+
+    encoded = [tokenizer(text)["input_ids"] for text in PROBES]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in encoded])
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded])
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def token_log_probs(model, batch):

@@ -79,7 +79,7 @@ def test_plots_tick_at_the_grid_values_and_colour_by_loss(tmp_path):
 
     axis = plot_figure(rows, sweep, {"x": "eval_gpo/offline_reg", "y": "eval_gpo/margin"}).axes[0]
     assert len(axis.get_lines()) == 3  # one per loss
-    assert {c.get_paths()[0].vertices.tobytes() for c in axis.collections}.__len__() == 3  # 3 marker shapes
+    assert len({c.get_paths()[0].vertices.tobytes() for c in axis.collections}) == 3  # 3 marker shapes
     assert [t.get_text() for t in axis.get_legend().get_texts()] == [
         "gpo_loss=logistic", "gpo_loss=squared", "gpo_loss=hinge", "beta=0.02", "beta=0.1", "beta=0.5"]
     colours = {loss: line.get_color() for loss, line in zip(sweep.grid["gpo_loss"], axis.get_lines())}
