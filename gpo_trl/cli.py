@@ -123,6 +123,11 @@ def train(argv: list[str]) -> int:
     accelerate_args = parse_accelerate_args(accelerate_launch_args(launch) + passthrough, recipe_args,
                                             launch_command_parser())
     _forward_signals_to_children()
+    # Several processes run under torchrun's agent, in this process, which by default takes SIGTERM/SIGINT over
+    # (raises, kills the workers 30 s later, exit 1 with a traceback: measured with cpu_ddp, so a SLURM job was not
+    # requeued). torchrun's `signals_to_handle` (accelerate hands matching attributes on to torchrun) leaves them to
+    # the forwarder above: the workers checkpoint and exit 3.
+    accelerate_args.signals_to_handle = "SIGHUP,SIGQUIT"
     try:
         launch_command(accelerate_args)
     except subprocess.CalledProcessError as err:  # the recipe has already said why; keep its exit code
@@ -130,7 +135,8 @@ def train(argv: list[str]) -> int:
     except Exception as err:  # torchrun's ChildFailedError: the failing rank's traceback was printed above
         if type(err).__name__ != "ChildFailedError":
             raise
-        return 1
+        codes = {failure.exitcode for failure in err.failures.values()}
+        return 3 if codes == {3} else 1  # 3: every failed rank was interrupted after a checkpoint (resumable)
     return 0
 
 

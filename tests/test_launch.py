@@ -106,3 +106,30 @@ def test_passthrough_flags_reach_accelerate_and_unknown_ones_are_named():
     assert args.max_restarts == 2 and args.training_script_args == argv
     with pytest.raises(ConfigError, match="no option '--max_restart'"):
         parse_accelerate_args(["--max_restart", "2"], argv, launch_command_parser())
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_multi_process_launcher_exits_3_after_a_checkpoint(tmp_path):
+    """What srun delivers on each node: SIGTERM to the `gpo-trl train` launcher alone, here with 2 processes under
+    torchrun's agent (cpu_ddp). The ranks checkpoint and exit 3, and so does the launcher, so the sbatch script
+    requeues (before, torchrun's own handler made it exit 1 with a traceback)."""
+    from conftest import console_script
+    from gpo_trl.guards import last_complete_checkpoint
+
+    args = [console_script("gpo-trl"), "train", "--config", RECIPE, "--model_name_or_path", str(tmp_path / "m"),
+            "--dataset_name", str(tmp_path / "d"), "--output_dir", str(tmp_path / "run"), "--max_steps", "400",
+            "--save_strategy", "steps", "--save_steps", "2", "--eval_before_training", "false",
+            "--accelerate_config", "cpu_ddp"]
+    process = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started = time.time()
+    while not (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() - started < 240, "no checkpoint-2"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # the launcher only, not its process group
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 3, err[-3000:]
+    assert "Training was interrupted by signal 15" in err and "SignalException" not in err
+    assert last_complete_checkpoint(str(tmp_path / "run")) is not None
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
