@@ -154,6 +154,10 @@ def main(script_args, training_args, model_args, dataset_args):
     trainer.dataset_names = dataset_names(script_args, dataset_args)
     if script_args.ignore_bias_buffers:
         ignore_bool_buffers(trainer.model)
+    if model_args.load_in_4bit:
+        from .fourbit import describe_4bit_kernel
+
+        PartialState().print(describe_4bit_kernel(trainer.accelerator.device.type))
     before = trainer.evaluate() if eval_dataset is not None and script_args.eval_before_training else None
     trainer.train(resume_from_checkpoint=resume_point(training_args))
     if trainer.preemption.signal is not None:
@@ -211,7 +215,11 @@ def write_run_record(trainer, before: dict | None, after: dict | None):
     metrics.update(final_metrics(trainer.state.log_history))
     metrics.update(after or {})
     metrics.update({f"before_{k}": v for k, v in (before or {}).items()})
+    model = trainer.model
+    quantization = "4-bit" if getattr(model, "is_loaded_in_4bit", False) else (
+        "8-bit" if getattr(model, "is_loaded_in_8bit", False) else None)
     record = {"gpo_loss": trainer.args.gpo_loss, "beta": trainer.args.beta, "effective_beta": trainer.beta,
+              "datasets": trainer.dataset_names, "quantization": quantization,  # read by `gpo-trl merge`
               "steps": trainer.state.global_step, "metrics": metrics}
     write_text_atomic(Path(trainer.args.output_dir) / "gpo_run.json", json.dumps(record, indent=2))
 
