@@ -180,6 +180,14 @@ def bootstrap_ci(values: list[float], resamples: int, seed: int) -> list[float]:
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def generation_metrics(settings_path, policy_dir) -> dict:
+    """A sweep point's generation metrics as gen/* columns (`evaluate_generate:` in a sweep file)."""
+    summary = evaluate_generation(str(policy_dir), load_settings(str(settings_path)))
+    keys = ("judge_mean", "base_judge_mean", "win_rate", "tie_rate", "mean_tokens", "mean_words", "kl")
+    return {**{f"gen/{key}": summary[key] for key in keys}, "gen/judge_ci95_low": summary["judge_ci95"][0],
+            "gen/judge_ci95_high": summary["judge_ci95"][1]}
+
+
 # --- The table and the command ----------------------------------------------------------------------------------
 
 _COLUMNS = [("policy", "policy"), ("judge", "judge_mean"), ("95% CI", "judge_ci95"), ("base", "base_judge_mean"),

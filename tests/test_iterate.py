@@ -22,7 +22,7 @@ from gpo_trl.recipe import ConfigError
 
 BASE_RECIPE = dict(
     gpo_loss="logistic", beta=0.1, use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-    lora_target_modules="all-linear", output_dir="unused", num_train_epochs=2, per_device_train_batch_size=8,
+    lora_target_modules="all-linear", output_dir="unused", num_train_epochs=3, per_device_train_batch_size=8,
     learning_rate=5.0e-3, max_length=96, seed=0, use_cpu=True, bf16=False, gradient_checkpointing=False,
     logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none", dataloader_num_workers=0,
     disable_tqdm=True)
@@ -318,3 +318,36 @@ def test_evaluate_generate_compare_win_rate_and_kl(iterated, prompt_files, tmp_p
     # Same seeds: the base samples are the same whether the base ran as a disabled adapter or as its own model
     assert base_rows[0] == base_rows[1]
     assert compared[0]["win_rate"] > 0.5 and compared[0]["mean_tokens"] < compared[0]["base_mean_tokens"]
+
+
+def test_sweep_checks_its_generation_file_first(tmp_path, prompt_files):
+    from test_sweep import write_sweep
+
+    from gpo_trl.experiments.sweep import load_sweep
+
+    bad = tmp_path / "generate.yaml"
+    bad.write_text(yaml.safe_dump({"prompts": {"data_files": str(prompt_files["held_out"])}, "judge": SHORTER,
+                                   "samples_per_promt": 2}))
+    with pytest.raises(ConfigError, match="Unknown key 'samples_per_promt'.*Did you mean 'samples_per_prompt'"):
+        load_sweep(str(write_sweep(tmp_path, evaluate_generate=str(bad))))
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_sweep_evaluates_each_point_by_generation(tmp_path, prompt_files):
+    """`evaluate_generate:` adds gen/* columns to each point's row (the summary's values) and can be plotted."""
+    from test_sweep import write_sweep
+
+    config = tmp_path / "generate.yaml"
+    config.write_text(yaml.safe_dump({"prompts": {"data_files": str(prompt_files["held_out"])}, "max_prompts": 4,
+                                      "generation": {"max_new_tokens": 8}, "judge": SHORTER}))
+    path = write_sweep(tmp_path, grid={"beta": [0.1]}, evaluate_generate=str(config),
+                       plots=[{"x": "gen/kl", "y": "gen/judge_mean"}])
+    assert cli(["sweep", "--config", str(path)]) == 0
+    out = tmp_path / "sweep"
+    row = read_jsonl(out / "results.jsonl")[0]
+    summary = json.loads((out / "beta=0.1" / "generate_eval" / "summary.json").read_text())
+    assert {key: row[f"gen/{key}"] for key in ("judge_mean", "win_rate", "kl", "mean_tokens")} == {
+        key: summary[key] for key in ("judge_mean", "win_rate", "kl", "mean_tokens")}
+    assert summary["samples"] == 4 and row["gen/judge_ci95_low"] == summary["judge_ci95"][0]
+    assert (out / "plot_gen_judge_mean_vs_gen_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,6 +11,9 @@
     plots:                              # PNGs next to the results table
       - {x: beta, y: eval_rewards/accuracies}
       - {x: eval_gpo/offline_reg, y: eval_rewards/accuracies}
+    evaluate_generate: generate.yaml    # optional: `gpo-trl evaluate --generate` per point, as gen/* columns
+                                        # (gen/judge_mean, gen/kl, gen/win_rate, ...), e.g. for a plot of
+                                        # {x: gen/kl, y: gen/judge_mean}
 
 Points run one after another through the same launcher as `gpo-trl train`. A point whose `result.json` exists is
 finished and skipped, so an interrupted sweep resumes where it stopped. All points share one reference log-probs
@@ -35,7 +38,7 @@ import yaml
 from ..guards import write_text_atomic
 from ..recipe import ConfigError, parse_args
 
-_KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots"}
+_KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots", "evaluate_generate"}
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Sweep:
     overrides: dict = field(default_factory=dict)
     launch: list[str] = field(default_factory=list)
     plots: list[dict] = field(default_factory=list)
+    evaluate_generate: Path | None = None  # a generation-evaluation file (gpo_trl.generate_eval)
 
     def points(self) -> list[dict]:
         keys = list(self.grid)
@@ -70,6 +74,11 @@ def load_sweep(path: str) -> Sweep:
     sweep = Sweep(base=(path.parent / spec["base"]).resolve(), output_dir=Path(spec["output_dir"]), grid=grid,
                   overrides=spec.get("overrides") or {}, launch=[str(a) for a in spec.get("launch") or []],
                   plots=spec.get("plots") or [])
+    if spec.get("evaluate_generate"):
+        from ..generate_eval import load_settings
+
+        sweep.evaluate_generate = (path.parent / spec["evaluate_generate"]).resolve()
+        load_settings(str(sweep.evaluate_generate))  # checked now, like the points
     for point in sweep.points():
         try:
             parse_args(["--config", str(sweep.base), *recipe_args(sweep, point, Path("check"))])
@@ -107,7 +116,12 @@ def run_sweep(sweep: Sweep) -> list[dict]:
         if subprocess.run(command).returncode != 0:
             raise RuntimeError(f"Sweep point {point_name(point)} failed (see its output above); finished points are "
                                f"kept, rerun `gpo-trl sweep` to resume.")
-        write_text_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
+        result = collect(point, point_dir)
+        if sweep.evaluate_generate is not None:
+            from ..generate_eval import generation_metrics
+
+            result.update(generation_metrics(sweep.evaluate_generate, point_dir))
+        write_text_atomic(point_dir / "result.json", json.dumps(result, indent=2))
         write_tables(sweep)  # current after every point, so an interrupted sweep still has its table
     rows = write_tables(sweep)
     for plot in sweep.plots:
