@@ -3,7 +3,6 @@ first trained a little as a plain language model on the demo texts, so that it s
 different lengths and stops with EOS. Every expectation is recomputed here from the written files."""
 
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import read_jsonl
 from gpo_trl import iterate
 from gpo_trl.cli import main as cli
+from gpo_trl.demo import save_talking_model
 from gpo_trl.generation import Sample
 from gpo_trl.judges import make_judge, make_pairs, score_samples
 from gpo_trl.recipe import ConfigError
@@ -31,22 +31,9 @@ SHORTER = {"aux": "length", "weight": -1}
 
 @pytest.fixture(scope="module")
 def talking_model(tiny_models, demo_rows, tmp_path_factory) -> Path:
-    """The tiny Llama after 150 causal-LM steps on the demo's prompt + answer + EOS texts."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
-    texts = [r["prompt"] + r[side] + tokenizer.eos_token for r in demo_rows["train"] for side in ("chosen", "rejected")]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(0)
-    torch.manual_seed(0)
-    for _ in range(150):
-        encoded = tokenizer(rng.sample(texts, 16), return_tensors="pt", padding=True)
-        model(**encoded, labels=encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    path = tmp_path_factory.mktemp("talking") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """The tiny Llama after 150 causal-LM steps on the demo's prompt + answer texts."""
+    texts = [r["prompt"] + r[side] for r in demo_rows["train"] for side in ("chosen", "rejected")]
+    return save_talking_model(tmp_path_factory.mktemp("talking") / "model", tiny_models["llama"], texts)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +116,9 @@ def test_two_rounds_under_a_length_judge_shorten_the_samples(iterated):
             assert (pair["score_chosen"], pair["score_rejected"]) == (max(scores), min(scores))
             assert pair["score_chosen"] == -len(pair["chosen"].split())
     first, second = rows
-    # Round 2 samples from round 1's policy: measured 14.5 -> ~6 words (words per completion), tokens likewise.
-    assert second["mean_completion_words"] < 0.7 * first["mean_completion_words"]
+    # Round 2 samples from round 1's policy. Measured with seeds 0, 1, 2 (sampling and training): 13.6 -> 2.5,
+    # 13.1 -> 4.0, 14.4 -> 3.4 words per completion (ratios 0.18-0.31).
+    assert second["mean_completion_words"] < 0.5 * first["mean_completion_words"]
     assert second["mean_completion_tokens"] < first["mean_completion_tokens"]
     assert second["judge_mean"] > first["judge_mean"]
 
