@@ -319,23 +319,3 @@ def test_sweep_checks_its_generation_file_first(tmp_path, prompt_files):
     with pytest.raises(ConfigError, match="Unknown key 'samples_per_promt'.*Did you mean 'samples_per_prompt'"):
         load_sweep(str(write_sweep(tmp_path, evaluate_generate=str(bad))))
     assert not (tmp_path / "sweep").exists()
-
-
-@pytest.mark.slow
-def test_sweep_evaluates_each_point_by_generation(tmp_path, prompt_files):
-    """`evaluate_generate:` adds gen/* columns to each point's row (the summary's values) and can be plotted."""
-    from test_sweep import write_sweep
-
-    config = tmp_path / "generate.yaml"
-    config.write_text(yaml.safe_dump({"prompts": {"data_files": str(prompt_files["held_out"])}, "max_prompts": 4,
-                                      "generation": {"max_new_tokens": 8}, "judge": SHORTER}))
-    path = write_sweep(tmp_path, grid={"beta": [0.1]}, evaluate_generate=str(config),
-                       plots=[{"x": "gen/kl", "y": "gen/judge_mean"}])
-    assert cli(["sweep", "--config", str(path)]) == 0
-    out = tmp_path / "sweep"
-    row = read_jsonl(out / "results.jsonl")[0]
-    summary = json.loads((out / "beta=0.1" / "generate_eval" / "summary.json").read_text())
-    assert {key: row[f"gen/{key}"] for key in ("judge_mean", "win_rate", "kl", "mean_tokens")} == {
-        key: summary[key] for key in ("judge_mean", "win_rate", "kl", "mean_tokens")}
-    assert summary["samples"] == 4 and row["gen/judge_ci95_low"] == summary["judge_ci95"][0]
-    assert (out / "plot_gen_judge_mean_vs_gen_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
