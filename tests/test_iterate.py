@@ -319,3 +319,32 @@ def test_sweep_checks_its_generation_file_first(tmp_path, prompt_files):
     with pytest.raises(ConfigError, match="Unknown key 'samples_per_promt'.*Did you mean 'samples_per_prompt'"):
         load_sweep(str(write_sweep(tmp_path, evaluate_generate=str(bad))))
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_ref_model_name_or_path_is_the_reference(tiny_models, talking_model, demo_rows, tmp_path):
+    """The recipe key iterate uses for `reference: initial`: a reference other than the starting model. At the first
+    step the policy is its starting model, so the margins are exactly 0 against it and not 0 against another model."""
+    from conftest import logged_steps
+    from gpo_trl.recipe import main as recipe_main
+    from gpo_trl.recipe import parse_args
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in demo_rows["train"][:8]))
+    recipe = {**BASE_RECIPE, "model_name_or_path": str(tiny_models["llama"]), "datasets": [{"data_files": str(pairs)}],
+              "max_steps": 1, "output_dir": str(tmp_path / "out")}
+    first_steps = {}
+    for name, reference in (("itself", None), ("other", str(talking_model))):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**recipe, **({"ref_model_name_or_path": reference} if reference else {})}))
+        trainer, _, _ = recipe_main(*parse_args(["--config", str(path)]))
+        first_steps[name] = logged_steps(trainer)[0]
+        if reference:
+            expected = AutoModelForCausalLM.from_pretrained(talking_model).state_dict()
+            held = trainer.ref_model.state_dict()
+            common = expected.keys() & held.keys()  # TRL's fused LM head may rename lm_head's weight
+            assert len(common) >= len(expected) - 1 and all(torch.equal(held[k], expected[k]) for k in common)
+            assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+    assert first_steps["itself"]["rewards/margins"] == 0
+    assert first_steps["itself"]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # f(0) = log 2
+    assert abs(first_steps["other"]["rewards/margins"]) > 0.01
