@@ -67,3 +67,16 @@ def test_smoke_iterative_study(tmp_path):
     assert all(s["sampled_gold"] != first[0]["sampled_gold"] for s in second)
     assert (tmp_path / "gold_reward_vs_kl_iterative.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| logistic | 0.1 | iterative | 2 |" in (tmp_path / "tables.md").read_text()
+
+
+def test_matched_kl_gap_interpolates_the_offline_curve():
+    from gpo_trl.experiments.study_iterative import matched_kl_gaps
+
+    rows = [{"arm": "offline", "loss": "logistic", "beta": 0.4, "round": 0, "kl": 1.0, "gold_reward": 1.0},
+            {"arm": "offline", "loss": "logistic", "beta": 0.1, "round": 0, "kl": 3.0, "gold_reward": 2.0},
+            {"arm": "iterative", "loss": "logistic", "beta": 0.1, "round": 1, "kl": 2.0, "gold_reward": 2.0},
+            {"arm": "iterative", "loss": "logistic", "beta": 0.1, "round": 2, "kl": 0.5, "gold_reward": 0.0},
+            {"arm": "iterative", "loss": "logistic", "beta": 0.1, "round": 3, "kl": 4.0, "gold_reward": 3.0}]
+    gaps = [g["gap"] for g in matched_kl_gaps(rows, base_gold=-1.0)]
+    assert gaps == [2.0 - 1.5, 0.0 - (-1.0 + 0.5 * 2.0), None]  # base point (0, -1) to (1, 1); beyond KL 3: none
+    assert [g["gap"] for g in matched_kl_gaps(rows)] == [0.5, None, None]

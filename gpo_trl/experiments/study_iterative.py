@@ -220,12 +220,74 @@ def plot(rows: list[dict], summary: dict, path: Path):
     plt.close(figure)
 
 
+# --- Across seeds ------------------------------------------------------------------------------------------------
+
+
+def matched_kl_gaps(rows: list[dict], base_gold: float | None = None) -> list[dict]:
+    """Each iterative policy against the offline curve of its loss (the offline points over beta, plus the base LM at
+    KL 0 when given, sorted by KL and interpolated linearly): gold(iterative) - gold(offline at the same KL). Points
+    beyond the curve's largest KL get no gap (no extrapolation)."""
+    gaps = []
+    for r in rows:
+        if r["arm"] != "iterative":
+            continue
+        curve = sorted([(o["kl"], o["gold_reward"]) for o in rows if o["arm"] == "offline" and o["loss"] == r["loss"]]
+                       + ([(0.0, base_gold)] if base_gold is not None else []))
+        at = study._interpolate(curve, r["kl"])
+        gaps.append({"loss": r["loss"], "beta": r["beta"], "round": r["round"], "kl": r["kl"],
+                     "gold": r["gold_reward"], "offline_gold_at_kl": at, "gap": None if at is None else r["gold_reward"] - at})
+    return gaps
+
+
+def across_seeds(directories: list[Path]) -> str:
+    """Markdown: per loss x beta, offline and final-round iterative gold and KL (mean and sd over seeds), and the
+    matched-KL gaps of every iterative round."""
+    runs = {d: [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()] for d in directories}
+    last = max(r["round"] for rows in runs.values() for r in rows)
+
+    def stat(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "n/a"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.2f} ± {sd:.2f}"
+
+    first = next(iter(runs.values()))
+    keys = list(dict.fromkeys((r["loss"], r["beta"]) for r in first))
+    lines = [f"Seeds: {len(runs)} ({', '.join(d.name for d in directories)}); mean ± sd over seeds.", "",
+             f"| loss | beta | offline gold | offline KL | iterative gold (round {last}) | iterative KL (round {last}) |",
+             "|---|---|---|---|---|---|"]
+    for loss, beta in keys:
+        pick = lambda arm, rnd, key: [r[key] for rows in runs.values() for r in rows  # noqa: E731
+                                      if (r["loss"], r["beta"], r["arm"], r["round"]) == (loss, beta, arm, rnd)]
+        lines.append(f"| {loss} | {beta:g} | {stat(pick('offline', 0, 'gold_reward'))} | {stat(pick('offline', 0, 'kl'))} "
+                     f"| {stat(pick('iterative', last, 'gold_reward'))} | {stat(pick('iterative', last, 'kl'))} |")
+    lines += ["", "Gold reward of each iterative round minus the offline curve's gold at the same KL (same loss, "
+              "same seed, the base LM as the curve's KL-0 point; n/a: beyond the offline curve's largest KL):", "",
+              "| loss | beta | round | gap per seed | mean gap |", "|---|---|---|---|---|"]
+    gaps = {d: matched_kl_gaps(rows, json.loads((d / "summary.json").read_text())["base"]["gold_reward"])
+            for d, rows in runs.items()}
+    for index, g in enumerate(next(iter(gaps.values()))):
+        per_seed = [gaps[d][index]["gap"] for d in directories]
+        shown = ", ".join("n/a" if v is None else f"{v:+.2f}" for v in per_seed)
+        lines.append(f"| {g['loss']} | {g['beta']:g} | {g['round']} | {shown} | {stat(per_seed)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--config", help="the iterative study file")
+    parser.add_argument("--out", required=True, help="output folder (with --across: where summary.md goes)")
     parser.add_argument("--seed", type=int, help="overrides the seed")
+    parser.add_argument("--across", nargs="+", help="finished runs' folders: write their across-seed summary.md")
     args = parser.parse_args(argv)
+    if args.across:
+        text = across_seeds([Path(d) for d in args.across])
+        write_text_atomic(Path(args.out) / "summary.md", text)
+        print(text)
+        return []
+    if not args.config:
+        parser.error("--config is required (or --across)")
     config, cfg = load_config(args.config)
     if args.seed is not None:
         cfg.seed = config.seed = args.seed
