@@ -246,11 +246,13 @@ def across_seeds(directories: list[Path]) -> str:
     last = max(r["round"] for rows in runs.values() for r in rows)
 
     def stat(values):
-        values = [v for v in values if v is not None]
-        if not values:
+        present = [v for v in values if v is not None]
+        if not present:
             return "n/a"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.2f} ± {sd:.2f}"
+        if len(present) == 1:
+            return f"{present[0]:.2f} (1 seed)"
+        text = f"{statistics.fmean(present):.2f} ± {statistics.stdev(present):.2f}"
+        return text + (f" ({len(present)} seeds)" if len(present) < len(values) else "")
 
     first = next(iter(runs.values()))
     keys = list(dict.fromkeys((r["loss"], r["beta"]) for r in first))
