@@ -212,7 +212,7 @@ def plot(rows: list[dict], summary: dict, path: Path):
     axis.axhline(summary["base"]["gold_reward"], color="grey", linewidth=0.8, label="base LM")
     axis.set_xlabel("KL(pi || base), nats (from the policy's samples)")
     axis.set_ylabel("gold reward (held-out prompts)")
-    axis.set_xscale("symlog", linthresh=1.0)
+    axis.set_xlim(left=0)
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
     figure.tight_layout()
