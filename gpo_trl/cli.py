@@ -3,6 +3,9 @@
     gpo-trl train --config recipe.yaml [--key value ...] [--accelerate_config NAME|PATH] [--num_processes N]
                   [-- ACCELERATE_LAUNCH_FLAGS ...]
     gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
+    gpo-trl evaluate --generate --config generate.yaml --adapter_path DIR [--out DIR]
+    gpo-trl evaluate --compare --config generate.yaml DIR1 DIR2 ... [--out DIR]
+    gpo-trl iterate --config rounds.yaml
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
     gpo-trl merge --adapter_path DIR --output_dir OUT [--dtype bfloat16] [--push_to_hub --hub_model_id ID]
     gpo-trl sweep --config sweep.yaml [--emit-slurm DIR | --point INDEX | --collect]
@@ -22,6 +25,7 @@ from pathlib import Path
 from .data import DataError
 from .guards import write_text_atomic
 from .hub import PushError
+from .judges import JudgeError
 from .recipe import ConfigError, parse_args
 
 # Options meant for `accelerate launch`, not for the recipe. Everything else must be a recipe key.
@@ -170,6 +174,9 @@ def _forward_signals_to_children():
 def evaluate(argv: list[str]) -> int:
     from .recipe import evaluate_adapter
 
+    if "--generate" in argv or "--compare" in argv:
+        return evaluate_generate(argv)
+
     parser = argparse.ArgumentParser(prog="gpo-trl evaluate", add_help=False)
     parser.add_argument("--adapter_path", required=True, help="a trained run's output_dir (adapter or full model)")
     parser.add_argument("--metrics_file", help="where to write the metrics as JSON (default: <adapter_path>/"
@@ -182,6 +189,26 @@ def evaluate(argv: list[str]) -> int:
     path = Path(own.metrics_file or Path(own.adapter_path) / "eval_metrics.json")
     write_text_atomic(path, json.dumps(metrics, indent=2))  # never a half-written metrics file
     print(f"Metrics written to {path}")
+    return 0
+
+
+def evaluate_generate(argv: list[str]) -> int:
+    from .generate_eval import main as generate_main
+
+    return generate_main(argv)
+
+
+def iterate(argv: list[str]) -> int:
+    from .iterate import __doc__ as iterate_doc
+    from .iterate import load_plan, run_iterate
+
+    parser = argparse.ArgumentParser(prog="gpo-trl iterate", description=iterate_doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the iterate file")
+    args = parser.parse_args(argv)
+    plan = load_plan(args.config)  # the whole file and the round recipe are checked before any model loads
+    rows = run_iterate(plan)
+    print(f"{len(rows)} rounds in {plan.output_dir / 'rounds.csv'}")
     return 0
 
 
@@ -308,13 +335,14 @@ def losses(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train, "evaluate": evaluate, "push": push, "sweep": sweep, "study": study,
-                "losses": losses, "merge": merge}
+                "losses": losses, "merge": merge, "iterate": iterate}
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="gpo-trl", description="Generalized Preference Optimization on TRL.")
         parser.add_argument("command", choices=sorted(commands),
                             help="train: run a recipe; evaluate: score a trained adapter; push: upload a finished run; "
                             "merge: fold a LoRA adapter into its base model; "
-                            "sweep: a grid of runs; study: the controlled gold-reward study; losses: list the GPO loss "
+                            "sweep: a grid of runs; iterate: on-policy rounds with a judge; "
+                            "study: the controlled gold-reward study; losses: list the GPO loss "
                             "functions")
         parser.parse_args(argv[:1])
     command, rest = argv[0], argv[1:]
@@ -331,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"gpo-trl: {type(err).__name__}:\n{err}", file=sys.stderr)
         return 2
+    except JudgeError as err:
+        print(f"gpo-trl: {type(err).__name__}:\n{err}", file=sys.stderr)
+        return 1
     except PushError as err:
         print(f"gpo-trl: {err}", file=sys.stderr)
         return 1

@@ -40,6 +40,14 @@ class GPOScriptArguments(ScriptArguments):
         default=False,
         metadata={"help": "Evaluate on the test split before training too, for a before/after summary."},
     )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A reference model other than the one training starts from (e.g. `gpo-trl iterate` with "
+            "`reference: initial`): loaded like the policy (same dtype and quantization) and kept frozen. Default: "
+            "the starting model itself (with LoRA: the base with the adapter disabled)."
+        },
+    )
 
 
 class ConfigError(ValueError):
@@ -144,6 +152,7 @@ def main(script_args, training_args, model_args, dataset_args):
     PartialState().print(summarize(reports))
     trainer = GPOTrainer(
         model=model_args.model_name_or_path,
+        ref_model=load_reference(script_args, training_args, model_args),
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -179,6 +188,24 @@ def ignore_bool_buffers(model):
     buffers that break its broadcast, transformers#22482). DDP reads this attribute when it wraps the model."""
     model._ddp_params_and_buffers_to_ignore = [name for name, buffer in model.named_buffers()
                                                if buffer.dtype == torch.bool]
+
+
+def load_reference(script_args, training_args, model_args):
+    """The explicit reference model, or None (TRL's default: the starting model, or the base with LoRA disabled)."""
+    if script_args.ref_model_name_or_path is None:
+        return None
+    from trl import get_quantization_config
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(training_args.model_init_kwargs or {})
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if PartialState().distributed_type.value in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # as TRL does for the policy: "auto" fails under DDP
+    reference = create_model_from_path(script_args.ref_model_name_or_path, **kwargs)
+    reference.requires_grad_(False)
+    return reference.eval()
 
 
 def save_final(trainer, output_dir: str):

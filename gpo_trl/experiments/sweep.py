@@ -11,6 +11,9 @@
     plots:                              # PNGs next to the results table
       - {x: beta, y: eval_rewards/accuracies}
       - {x: eval_gpo/offline_reg, y: eval_logps/chosen, xscale: log}   # also: yscale
+    evaluate_generate: generate.yaml    # optional: `gpo-trl evaluate --generate` per point, as gen/* columns
+                                        # (gen/judge_mean, gen/kl, gen/win_rate, ...), e.g. for a plot of
+                                        # {x: gen/kl, y: gen/judge_mean}
 
 Points run one after another through the same launcher as `gpo-trl train`. A point whose `result.json` exists is
 finished and skipped, so an interrupted sweep resumes where it stopped. All points share one reference log-probs
@@ -39,7 +42,7 @@ import yaml
 from ..guards import write_text_atomic
 from ..recipe import ConfigError, parse_args
 
-_KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots"}
+_KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots", "evaluate_generate"}
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Sweep:
     overrides: dict = field(default_factory=dict)
     launch: list[str] = field(default_factory=list)
     plots: list[dict] = field(default_factory=list)
+    evaluate_generate: Path | None = None  # a generation-evaluation file (gpo_trl.generate_eval)
 
     def points(self) -> list[dict]:
         keys = list(self.grid)
@@ -75,6 +79,11 @@ def load_sweep(path: str) -> Sweep:
                   overrides=spec.get("overrides") or {}, launch=[str(a) for a in spec.get("launch") or []],
                   plots=spec.get("plots") or [])
     check_plots(sweep.plots, path)
+    if spec.get("evaluate_generate"):
+        from ..generate_eval import load_settings
+
+        sweep.evaluate_generate = (path.parent / spec["evaluate_generate"]).resolve()
+        load_settings(str(sweep.evaluate_generate))  # checked now, like the points
     for point in sweep.points():
         try:
             parse_args(["--config", str(sweep.base), *recipe_args(sweep, point, Path("check"))])
@@ -114,8 +123,18 @@ def run_point(sweep: Sweep, point: dict, resume: bool = False) -> int:
     point_dir = sweep.output_dir / point_name(point)
     code = subprocess.run(point_command(sweep, point, resume=resume)).returncode
     if code == 0:
-        write_text_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
+        mark_finished(sweep, point, point_dir)
     return code
+
+
+def mark_finished(sweep: Sweep, point: dict, point_dir: Path):
+    """result.json: the point's settings, its final metrics and, with `evaluate_generate`, the gen/* columns."""
+    result = collect(point, point_dir)
+    if sweep.evaluate_generate is not None:
+        from ..generate_eval import generation_metrics
+
+        result.update(generation_metrics(sweep.evaluate_generate, point_dir))
+    write_text_atomic(point_dir / "result.json", json.dumps(result, indent=2))
 
 
 def run_sweep(sweep: Sweep) -> list[dict]:
@@ -149,7 +168,7 @@ def collect_points(sweep: Sweep) -> tuple[list[dict], list[str]]:
     for point in sweep.points():
         point_dir = sweep.output_dir / point_name(point)
         if not finished(sweep, point) and (point_dir / "gpo_run.json").is_file():
-            write_text_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
+            mark_finished(sweep, point, point_dir)
         if not finished(sweep, point):
             missing.append(point_name(point))
     return tabulate_and_plot(sweep), missing
