@@ -233,7 +233,7 @@ def matched_kl_gaps(rows: list[dict], base_gold: float | None = None) -> list[di
             continue
         curve = sorted([(o["kl"], o["gold_reward"]) for o in rows if o["arm"] == "offline" and o["loss"] == r["loss"]]
                        + ([(0.0, base_gold)] if base_gold is not None else []))
-        at = study._interpolate(curve, r["kl"])
+        at = study.interpolate(curve, r["kl"])
         gaps.append({"loss": r["loss"], "beta": r["beta"], "round": r["round"], "kl": r["kl"],
                      "gold": r["gold_reward"], "offline_gold_at_kl": at, "gap": None if at is None else r["gold_reward"] - at})
     return gaps
