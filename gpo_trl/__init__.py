@@ -19,8 +19,9 @@ if Version(trl.__version__).release[:2] != Version(_TRL_TESTED).release[:2]:
     )
 
 from .config import CalibrationError, GPOConfig  # noqa: E402
-from .losses import GPOLoss, available_losses, get_loss, register_loss  # noqa: E402
+from .losses import GPOLoss, available_losses, builtin_losses, get_loss, register_loss  # noqa: E402
 from .trainer import GPOTrainer  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationError", "GPOConfig", "GPOLoss", "GPOTrainer", "available_losses", "get_loss", "register_loss"]
+__all__ = ["CalibrationError", "GPOConfig", "GPOLoss", "GPOTrainer", "available_losses", "builtin_losses", "get_loss",
+           "register_loss"]

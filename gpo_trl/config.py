@@ -263,7 +263,7 @@ class GPOConfig(DPOConfig):
         reference = get_loss(self.beta_calibration)
         for which in (reference, loss):
             if which.d1_at_0 >= 0:
-                raise ValueError(f"`beta_calibration` is undefined with {which.name!r}: f'(0) = {which.d1_at_0:g} "
+                raise CalibrationError(f"`beta_calibration` is undefined with {which.name!r}: f'(0) = {which.d1_at_0:g} "
                                  ">= 0, so c_f is not an offline-regularisation strength. Unset `beta_calibration`.")
             if which.c_f <= 0:
                 raise CalibrationError(

@@ -280,6 +280,14 @@ def discopop(t: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
     return -F.logsigmoid(t) * torch.sigmoid(-t / tau) + torch.exp(-t + F.logsigmoid(t / tau))
 
 
+_BUILTINS = tuple(_REGISTRY)  # registered above, by gpo_trl itself
+
+
+def builtin_losses() -> list[str]:
+    """Names of gpo_trl's own losses (not those a user or a test registered), in registration order."""
+    return list(_BUILTINS)
+
+
 def loss_table() -> list[dict]:
     """One row per registered loss: name, formula, f'(0), f''(0), c_f, convex (for `gpo-trl losses` and docs)."""
     rows = []

@@ -28,13 +28,16 @@ BATCH = 6
 # (typically 1-3e-6); loss 1.0e-6 relative; metrics 6.4e-6 absolute (E[rho] is a difference of log-prob sums ~ -230,
 # each exact to ~7e-8 relative). An absolute 1e-5 on gradients of median magnitude 0.03 would let 3e-4 through.
 GRAD_RTOL, LOSS_RTOL, METRIC_TOL = 1e-5, 5e-6, 1e-5
+# DiscoPOP's pair weight f'(t) turns within |t| ~ tau = 0.05 (f'' ~ 1 / tau), so the float32 rounding of rho (~2e-5
+# nats on sums of ~230) moves its gradients 10x more than those of the other losses: measured 4.2e-5 relative.
+GRAD_RTOL_BY_LOSS = {"discopop": 1e-4}
 
 
-def assert_same_gradients(grads, expected, where):
+def assert_same_gradients(grads, expected, where, rtol=GRAD_RTOL):
     assert grads.keys() == expected.keys() and grads
     for name, grad in grads.items():
         error, scale = (grad - expected[name]).norm().item(), expected[name].norm().item()
-        assert error <= GRAD_RTOL * scale, f"{where}: gradient of {name} off by {error / scale:.2e} relative"
+        assert error <= rtol * scale, f"{where}: gradient of {name} off by {error / scale:.2e} relative"
 
 
 def assert_same_loss(loss, expected, where):
@@ -88,7 +91,7 @@ def test_every_mode_matches_the_padded_path_for_every_loss(arch, tiny_models, hh
             loss, grads, metrics = loss_and_grads(trainer, loss_name, rows)
             where = f"{arch} {mode} {loss_name}"
             assert_same_loss(loss, expected_loss, where)
-            assert_same_gradients(grads, expected_grads, where)
+            assert_same_gradients(grads, expected_grads, where, GRAD_RTOL_BY_LOSS.get(loss_name, GRAD_RTOL))
             assert metrics.keys() == expected_metrics.keys()
             for key, value in expected_metrics.items():
                 assert abs(metrics[key] - value) <= METRIC_TOL * max(1.0, abs(value)), f"{where}: {key} {metrics[key]} vs {value}"

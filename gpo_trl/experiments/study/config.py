@@ -9,6 +9,9 @@ from pathlib import Path
 import yaml
 
 from ...losses import available_losses
+
+# The GPO paper's losses, the study's default grid (the other built-ins are TRL's; name them in `losses` to add them)
+PAPER_LOSSES = ("logistic", "hinge", "squared", "exponential", "truncated_quadratic", "savage")
 from ...recipe import ConfigError
 
 
@@ -34,7 +37,7 @@ class StudyConfig:
     heldout_prompts: int = 64
     samples_per_prompt: int = 8
     # The GPO grid
-    losses: list[str] = field(default_factory=available_losses)
+    losses: list[str] = field(default_factory=lambda: list(PAPER_LOSSES))
     betas: list[float] = field(default_factory=lambda: [0.025, 0.05, 0.1, 0.2, 0.4])
     calibration: str | None = "logistic"  # the reference loss of the calibrated arm; null skips that arm
     epochs: float = 2.0
