@@ -469,7 +469,8 @@ def part_reference_free(model_path: Path, dataset, args, tmp: Path) -> list[dict
                     "forwards per step: "
                     + ", ".join(f"{r['name']} {statistics.median(r['forwards_per_step']):.0f}" for r in rows))
         if args.memory:
-            print(f"peak memory of a run, model load + two steps (separate instances, lower of two): reference "
+            print(f"peak memory of a run, model load + two steps (separate instances, lowest of {args.memory_rounds}): "
+                  f"reference "
                   f"{with_load['reference']:.0f} MB, reference-free {with_load['reference_free']:.0f} MB "
                   f"({rows[1]['memory_with_load_ratio']:.3f})")
         results += rows
@@ -478,11 +479,11 @@ def part_reference_free(model_path: Path, dataset, args, tmp: Path) -> list[dict
 
 def run_memory(model_path: Path, dataset, args, tmp: Path, lora: bool) -> dict[str, float]:
     """Peak memory (MB) of building a trainer (models loaded: the policy, and for a full fine-tune with the reference
-    a second copy) and taking two steps, with and without the reference; separate instances, built in turn twice
-    (reference, reference-free, reference, reference-free), the lower of the two kept (the first build also holds
-    one-time allocations)."""
+    a second copy) and taking two steps, with and without the reference; separate instances, built in turn
+    `--memory_rounds` times (reference, reference-free, reference, reference-free, ...), the lowest of each kept (the
+    first build can also hold one-time allocations)."""
     peaks = {"reference": [], "reference_free": []}
-    for _ in range(2):
+    for _ in range(args.memory_rounds):
         for key, config in (("reference", {}), ("reference_free", SIMPO)):
             with PeakMemory() as peak:
                 trainer = make_trainer("gpo", model_path, dataset, args, lora, False, tmp, **config)
@@ -637,6 +638,8 @@ def main(argv=None):
     parser.add_argument("--reference_free_settings", nargs="+", choices=["lora", "full"], default=["lora", "full"],
                         help="fine-tuning settings of the reference_free part")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    parser.add_argument("--memory_rounds", type=int, default=2, help="reference_free part: builds of each trainer "
+                        "for the peak memory with the model load (the lowest is kept)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     parser.add_argument("--scale", choices=list(SCALES), default="toy",
