@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --json runs/benchmark.json          # hh-rlhf sample, 4-layer 256-wide Llama, CPU
     python scripts/benchmark.py --parts layouts --steps 6          # only the batch layouts
+    python scripts/benchmark.py --parts reference_free --steps 6   # GPO with the reference against SimPO
     python scripts/benchmark.py --device cuda --scale qwen2.5-0.5b --markdown docs/benchmark-gpu.md   # on a GPU
 
 `--scale qwen2.5-0.5b` (or `qwen2.5-1.5b`) is the realistic mode: the model is built from that model's config shape
