@@ -2,7 +2,11 @@
 
 from packaging.version import Version
 
-import trl
+from .fourbit import hold_back_import_warning
+
+hold_back_import_warning()  # before peft imports bitsandbytes: its optional-kernel warning is not an error
+
+import trl  # noqa: E402
 
 # GPOTrainer mirrors a few TRL internals (the fused LM head's outputs, the `_metrics` store, the collator's
 # [chosen; rejected] layout). They were checked against this TRL minor version only.

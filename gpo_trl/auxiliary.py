@@ -1,15 +1,21 @@
 """UPO-style auxiliary objectives: designer rewards optimised offline next to the GPO loss.
 
-Our reading of Badrinath et al. (arXiv 2405.17956; shared/reference/upo.md), documented as such:
+The term this project uses (README, "Auxiliary objectives", lists where it departs from Badrinath et al.,
+arXiv 2405.17956):
 
     L        = L_GPO + alpha * L_aux
-    R(x, y)  = sum_i w_i r_i(x, y)                 designer rewards, computed once per row when the data is prepared
-    A(x, y)  = R(x, y) - V(x)                      V = mean of R over the pair (or 0 with aux_baseline: none)
-    omega    = softmax(A / tau) over the 2B responses of the batch, without gradient
-    L_aux    = - sum_batch omega(x, y) * log pi(y | x) / |y|
+    R(x, y)  = sum_i w_i r_i(x, y)                   designer rewards, computed once per row when the data is prepared
+    A(x, y)  = R(x, y) - V(x),  V(x) = (R_w + R_l) / 2   so A_w = -A_l = (R_w - R_l) / 2
+    h(y)     = log pi(y|x) - log ref(y|x)            (per token under gpo_length_normalize, as in the GPO margin)
+    omega(y) = max(tanh(A(y) / tau), 0)              the better-scored response of each pair, weight in (0, 1)
+    L_aux    = mean over pairs of  sum_{y in {y_w, y_l}} omega(y) * f(beta * h(y))
 
-Both responses of each pair enter L_aux: a weighted, length-normalised maximum likelihood on responses already in the
-data. No sampling, no importance weights, no clipping.
+with f the GPO loss itself: the designer's preferred response of each pair has its log-ratio to the reference
+pushed up, as hard as its advantage says, and the push saturates as f does, so the term is bounded by the same
+regularisation as the GPO loss. A pair the rewards cannot tell apart (A = 0) contributes exactly 0 in value and
+gradient, and each pair's value depends on that pair alone (no normalisation over the batch). At the reference
+(h = 0) and for small A the gradient is -beta |f'(0)| / tau * sum_y max(A(y), 0) grad log pi(y|x): an
+advantage-weighted likelihood (UPO's form) with the weights measured from the pair's baseline.
 
 A reward is `f(prompt: str, completion: str, **kwargs) -> float`, built in (length, readability, lexicon, regex)
 or named by import path "package.module:function".
@@ -27,7 +33,6 @@ from pathlib import Path
 import torch
 
 RewardFn = Callable[..., float]
-BASELINES = ("pair_mean", "none")
 PROBE_ROW = {"prompt": "How do I make tea?", "completion": "Boil water, add the leaves, wait three minutes."}
 
 # --- Built-in rewards ---------------------------------------------------------------------------------------------
@@ -194,21 +199,22 @@ def add_reward_columns(dataset, rewards: list[WeightedReward], name: str):
 # --- The objective --------------------------------------------------------------------------------------------------
 
 
-def advantage_weights(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, temperature: float,
-                      baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(omega, advantages) for the 2B responses [chosen; rejected]: omega = softmax(A / tau) over the batch."""
-    rewards = torch.cat([reward_chosen, reward_rejected]).float()  # (2B,)
-    if baseline == "pair_mean":
-        pair_mean = (reward_chosen + reward_rejected).float() / 2
-        advantages = rewards - torch.cat([pair_mean, pair_mean])
-    else:
-        advantages = rewards
-    return torch.softmax(advantages / temperature, dim=0), advantages
+def pair_advantages(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
+    """A = R - V(x) for the 2B responses [chosen; rejected], V the pair mean: A_w = (R_w - R_l) / 2 = -A_l.
+    Exactly 0 when the two rewards are equal, whatever their value."""
+    half_gap = (reward_chosen - reward_rejected).float() / 2
+    return torch.cat([half_gap, -half_gap])
 
 
-def aux_loss(mean_token_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """- sum omega * log pi(y|x) / |y| over the batch; the weights carry no gradient."""
-    return -(weights.detach() * mean_token_logps).sum()
+def aux_loss(loss_fn, scaled_logratios: torch.Tensor, advantages: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-pair L_aux (B,) from the 2B responses [chosen; rejected] and their beta * h: the sum over the pair of
+    max(tanh(A / tau), 0) * f(beta * h). A response with A <= 0 adds exactly 0 to the value and to the gradient
+    (no push-down: that is the GPO loss's job, and pushing likelihood down without a target unsettled training)."""
+    weights = torch.tanh(advantages.to(scaled_logratios.dtype) / temperature).clamp(min=0)
+    # f at 0 where the weight is 0, so that an f that overflows far from the reference cannot turn 0 * inf into NaN
+    per_response = weights * loss_fn(torch.where(weights > 0, scaled_logratios, torch.zeros_like(scaled_logratios)))
+    chosen, rejected = per_response.chunk(2)
+    return chosen + rejected
 
 
 class RewardCollator:
@@ -222,8 +228,3 @@ class RewardCollator:
         for column in self.columns:
             batch[column] = torch.tensor([example[column] for example in examples], dtype=torch.float32)
         return batch
-
-
-def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
-    """(sum w)^2 / sum w^2: 2B for uniform weights, 1 when a single response takes all the weight."""
-    return weights.sum() ** 2 / (weights**2).sum()

@@ -1,9 +1,14 @@
 """The `gpo-trl` command.
 
     gpo-trl train --config recipe.yaml [--key value ...] [--accelerate_config NAME|PATH] [--num_processes N]
+                  [-- ACCELERATE_LAUNCH_FLAGS ...]
     gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
+    gpo-trl evaluate --generate --config generate.yaml --adapter_path DIR [--out DIR]
+    gpo-trl evaluate --compare --config generate.yaml DIR1 DIR2 ... [--out DIR]
+    gpo-trl iterate --config rounds.yaml
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
-    gpo-trl sweep --config sweep.yaml
+    gpo-trl merge --adapter_path DIR --output_dir OUT [--dtype bfloat16] [--push_to_hub --hub_model_id ID]
+    gpo-trl sweep --config sweep.yaml [--emit-slurm DIR | --point INDEX | --collect]
     gpo-trl study --config configs/studies/gold_reward.yaml --out docs/study
     gpo-trl losses
 """
@@ -20,6 +25,7 @@ from pathlib import Path
 from .data import DataError
 from .guards import write_text_atomic
 from .hub import PushError
+from .judges import JudgeError
 from .recipe import ConfigError, parse_args
 
 # Options meant for `accelerate launch`, not for the recipe. Everything else must be a recipe key.
@@ -103,14 +109,29 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
     raise ConfigError(f"Accelerate config {name_or_path!r} is neither a file nor one of the shipped configs: {names}.")
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`gpo-trl train ... -- --rdzv_backend c10d --max_restarts 1`: what follows `--` goes to `accelerate launch`
+    verbatim (after our own launch flags, so it wins where both set the same flag)."""
+    if "--" not in argv:
+        return argv, []
+    index = argv.index("--")
+    return argv[:index], argv[index + 1:]
+
+
 def train(argv: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    argv, passthrough = split_passthrough(argv)
     launch, recipe_args = split_launch_args(argv)
     parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
-    launch_parser = launch_command_parser()
-    accelerate_args = launch_parser.parse_args(accelerate_launch_args(launch) + ["-m", "gpo_trl.recipe"] + recipe_args)
+    accelerate_args = parse_accelerate_args(accelerate_launch_args(launch) + passthrough, recipe_args,
+                                            launch_command_parser())
     _forward_signals_to_children()
+    # Several processes run under torchrun's agent, in this process, which by default takes SIGTERM/SIGINT over
+    # (raises, kills the workers 30 s later, exit 1 with a traceback: measured with cpu_ddp, so a SLURM job was not
+    # requeued). torchrun's `signals_to_handle` (accelerate hands matching attributes on to torchrun) leaves them to
+    # the forwarder above: the workers checkpoint and exit 3.
+    accelerate_args.signals_to_handle = "SIGHUP,SIGQUIT"
     try:
         launch_command(accelerate_args)
     except subprocess.CalledProcessError as err:  # the recipe has already said why; keep its exit code
@@ -118,8 +139,23 @@ def train(argv: list[str]) -> int:
     except Exception as err:  # torchrun's ChildFailedError: the failing rank's traceback was printed above
         if type(err).__name__ != "ChildFailedError":
             raise
-        return 1
+        # 3 (resumable) when a rank was interrupted after a checkpoint and the others were too, or were stopped by
+        # the agent's closing SIGTERM once that rank had exited: a rank that has finished train() has its default
+        # handler back, so that SIGTERM can kill it (-15) on its way out. (One test run in five exited 1 before this
+        # change; its output was not kept, so that this race was the cause is a guess.)
+        codes = {failure.exitcode for failure in err.failures.values()}
+        return 3 if 3 in codes and codes <= {3, -signal.SIGTERM} else 1
     return 0
+
+
+def parse_accelerate_args(launch_flags: list[str], recipe_args: list[str], launch_parser):
+    """accelerate's own parser reads the launch flags; a flag it does not know is a ConfigError naming it."""
+    unknown = [flag for flag in launch_flags if flag.startswith("--") and flag.split("=")[0] not in
+               {opt for action in launch_parser._actions for opt in action.option_strings}]
+    if unknown:
+        raise ConfigError(f"`accelerate launch` has no option {unknown[0]!r} (given after `--`); see "
+                          "`accelerate launch --help`.")
+    return launch_parser.parse_args(launch_flags + ["-m", "gpo_trl.recipe"] + recipe_args)
 
 
 def _forward_signals_to_children():
@@ -138,6 +174,9 @@ def _forward_signals_to_children():
 def evaluate(argv: list[str]) -> int:
     from .recipe import evaluate_adapter
 
+    if "--generate" in argv or "--compare" in argv:
+        return evaluate_generate(argv)
+
     parser = argparse.ArgumentParser(prog="gpo-trl evaluate", add_help=False)
     parser.add_argument("--adapter_path", required=True, help="a trained run's output_dir (adapter or full model)")
     parser.add_argument("--metrics_file", help="where to write the metrics as JSON (default: <adapter_path>/"
@@ -150,6 +189,26 @@ def evaluate(argv: list[str]) -> int:
     path = Path(own.metrics_file or Path(own.adapter_path) / "eval_metrics.json")
     write_text_atomic(path, json.dumps(metrics, indent=2))  # never a half-written metrics file
     print(f"Metrics written to {path}")
+    return 0
+
+
+def evaluate_generate(argv: list[str]) -> int:
+    from .generate_eval import main as generate_main
+
+    return generate_main(argv)
+
+
+def iterate(argv: list[str]) -> int:
+    from .iterate import __doc__ as iterate_doc
+    from .iterate import load_plan, run_iterate
+
+    parser = argparse.ArgumentParser(prog="gpo-trl iterate", description=iterate_doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the iterate file")
+    args = parser.parse_args(argv)
+    plan = load_plan(args.config)  # the whole file and the round recipe are checked before any model loads
+    rows = run_iterate(plan)
+    print(f"{len(rows)} rounds in {plan.output_dir / 'rounds.csv'}")
     return 0
 
 
@@ -167,6 +226,31 @@ def push(argv: list[str]) -> int:
     return 0
 
 
+def merge(argv: list[str]) -> int:
+    from .merge import TOLERANCES, MergeError, merge_adapter
+
+    parser = argparse.ArgumentParser(prog="gpo-trl merge", description="Merge a trained LoRA/QLoRA adapter into its "
+                                     "base model and save a standalone model (checked against the adapter first).")
+    parser.add_argument("--adapter_path", required=True, help="a LoRA/QLoRA run's output_dir")
+    parser.add_argument("--output_dir", required=True, help="where the merged model goes (new, empty, or an earlier "
+                        "merge's output)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(TOLERANCES),
+                        help="dtype the base is loaded and merged in (a QLoRA base too: never the 4-bit weights)")
+    parser.add_argument("--tolerance", type=float, help="largest accepted per-token log-prob difference between the "
+                        f"merged model and the adapter on the base (default: {TOLERANCES})")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id")
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        merge_adapter(args.adapter_path, args.output_dir, dtype=args.dtype, tolerance=args.tolerance,
+                      push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, private=args.private or None)
+    except MergeError as err:
+        print(f"gpo-trl: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def sweep(argv: list[str]) -> int:
     from .experiments.sweep import __doc__ as sweep_doc
     from .experiments.sweep import load_sweep, run_sweep
@@ -174,11 +258,58 @@ def sweep(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpo-trl sweep", description=sweep_doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the sweep file")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--emit-slurm", metavar="DIR", dest="emit_slurm",
+                      help="write DIR/sweep.sbatch, a SLURM job array with one task per unfinished point, instead "
+                      "of running the points here")
+    mode.add_argument("--point", type=int, metavar="INDEX", help="run one point (0-based, in grid order), resuming "
+                      "from its last checkpoint; what each task of the SLURM array runs")
+    mode.add_argument("--collect", action="store_true", help="rebuild results.csv and the plots from the points' "
+                      "outputs (after a SLURM array)")
     args = parser.parse_args(argv)
     plan = load_sweep(args.config)  # every point is checked before the first one runs
+    if args.emit_slurm:
+        return _emit_slurm(plan, args.config, args.emit_slurm)
+    if args.point is not None:
+        return _sweep_point(plan, args.point)
+    if args.collect:
+        from .experiments.sweep import collect_points
+
+        rows, missing = collect_points(plan)
+        print(f"{len(rows)} points in {plan.output_dir / 'results.csv'}"
+              + (f"; not finished: {', '.join(missing)}" if missing else ""))
+        return 0
     rows = run_sweep(plan)
     print(f"{len(rows)} points in {plan.output_dir / 'results.csv'}")
     return 0
+
+
+def _emit_slurm(plan, config: str, directory: str) -> int:
+    from .experiments.slurm_array import emit_slurm_array
+
+    script = emit_slurm_array(plan, config, directory)
+    if script is None:
+        print(f"Every point of {config} is finished; nothing to submit. `gpo-trl sweep --config {config} --collect` "
+              "rebuilds the table and plots.")
+    else:
+        print(f"Wrote {script} (points and commands: {script.parent / 'points.tsv'}). Submit with: sbatch {script}")
+    return 0
+
+
+def _sweep_point(plan, index: int) -> int:
+    from .experiments.sweep import finished, point_name, run_point
+
+    points = plan.points()
+    if not 0 <= index < len(points):
+        raise ConfigError(f"`--point {index}` is out of range: the sweep has {len(points)} points "
+                          f"(0-{len(points) - 1}).")
+    point = points[index]
+    if finished(plan, point):
+        print(f"Point {index} ({point_name(point)}) finished earlier, skipped.")
+        return 0
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    _forward_signals_to_children()  # a TERM to this task reaches the point's training (it checkpoints, exits 3)
+    return run_point(plan, point, resume=True)
 
 
 def study(argv: list[str]) -> int:
@@ -204,12 +335,14 @@ def losses(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train, "evaluate": evaluate, "push": push, "sweep": sweep, "study": study,
-                "losses": losses}
+                "losses": losses, "merge": merge, "iterate": iterate}
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="gpo-trl", description="Generalized Preference Optimization on TRL.")
         parser.add_argument("command", choices=sorted(commands),
                             help="train: run a recipe; evaluate: score a trained adapter; push: upload a finished run; "
-                            "sweep: a grid of runs; study: the controlled gold-reward study; losses: list the GPO loss "
+                            "merge: fold a LoRA adapter into its base model; "
+                            "sweep: a grid of runs; iterate: on-policy rounds with a judge; "
+                            "study: the controlled gold-reward study; losses: list the GPO loss "
                             "functions")
         parser.parse_args(argv[:1])
     command, rest = argv[0], argv[1:]
@@ -218,13 +351,17 @@ def main(argv: list[str] | None = None) -> int:
 
         make_parser(prog="gpo-trl train").print_help()
         print("\nLaunch options: --accelerate_config NAME|PATH, --num_processes N, --num_machines, --machine_rank, "
-              "--main_process_ip, --main_process_port.")
+              "--main_process_ip, --main_process_port. Any other `accelerate launch` flag goes after `--`, e.g. "
+              "`gpo-trl train --config r.yaml -- --rdzv_backend c10d --max_restarts 1`.")
         return 0
     try:
         return commands[command](rest)
     except (ConfigError, DataError) as err:
         print(f"gpo-trl: {type(err).__name__}:\n{err}", file=sys.stderr)
         return 2
+    except JudgeError as err:
+        print(f"gpo-trl: {type(err).__name__}:\n{err}", file=sys.stderr)
+        return 1
     except PushError as err:
         print(f"gpo-trl: {err}", file=sys.stderr)
         return 1

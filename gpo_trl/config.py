@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from .auxiliary import BASELINES, WeightedReward, probe, resolve_reward
+from .auxiliary import WeightedReward, probe, resolve_reward
 from .guards import NONFINITE_POLICIES
 from .losses import GPOLoss, available_losses, get_loss
 from .packing import PACKING_STRATEGIES
@@ -73,9 +73,8 @@ class GPOConfig(DPOConfig):
         aux_coef (`float`, *optional*, defaults to `0.0`):
             alpha: weight of the auxiliary loss next to the GPO loss; 0 disables it.
         aux_temperature (`float`, *optional*, defaults to `1.0`):
-            tau in the advantage weights softmax(A / tau); lower concentrates the weight on the best responses.
-        aux_baseline (`str`, *optional*, defaults to `"pair_mean"`):
-            V(x) in A = R - V: the mean reward over the pair, or `none`.
+            tau, in reward units: a response's auxiliary weight is max(tanh(A / tau), 0), A its advantage over the
+            pair mean.
 
         > Parameters that control the batch layout; see `gpo_trl.packing`
 
@@ -143,12 +142,8 @@ class GPOConfig(DPOConfig):
         default=0.0, metadata={"help": "alpha: weight of the auxiliary objective next to the GPO loss; 0 disables it."}
     )
     aux_temperature: float = field(
-        default=1.0, metadata={"help": "tau of the advantage weights softmax(A / tau) over the batch; must be > 0."}
-    )
-    aux_baseline: str = field(
-        default="pair_mean",
-        metadata={"help": "Baseline V(x) of the advantage A = R - V: mean reward of the pair, or none.",
-                  "choices": list(BASELINES)},
+        default=1.0,
+        metadata={"help": "tau, in reward units: a response's auxiliary weight is max(tanh(A / tau), 0); must be > 0."},
     )
 
     padding_free: bool = field(
@@ -222,8 +217,6 @@ class GPOConfig(DPOConfig):
             raise ValueError(f"`aux_coef` must be a number >= 0 (0 disables the objective), got {self.aux_coef!r}.")
         if not isinstance(self.aux_temperature, (int, float)) or not 0 < self.aux_temperature < float("inf"):
             raise ValueError(f"`aux_temperature` must be > 0 and finite, got {self.aux_temperature!r}.")
-        if self.aux_baseline not in BASELINES:
-            raise ValueError(f"`aux_baseline` must be one of {list(BASELINES)}, got {self.aux_baseline!r}.")
         if self.aux_coef and not self.aux_rewards:
             raise ValueError(f"`aux_coef={self.aux_coef}` needs `aux_rewards` to optimise; add rewards or set 0.")
         probe(self.build_aux_rewards())  # a reward that raises or returns a non-number fails here, not at step 500

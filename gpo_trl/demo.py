@@ -71,6 +71,29 @@ def save_tiny_model(path: str | Path, architecture: str, texts: list[str], seed:
     return path
 
 
+def save_talking_model(path: str | Path, start: str | Path, texts: list[str], steps: int = 150, seed: int = 0) -> Path:
+    """A tiny model that samples varied text: `start` (e.g. from save_tiny_model) after `steps` causal-LM steps on
+    `texts` + EOS (batch 16, AdamW 3e-3). Used where generation is tested (`gpo-trl iterate`, `evaluate --generate`):
+    a random-init model only samples noise of the maximal length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    model = AutoModelForCausalLM.from_pretrained(start)
+    documents = [text + tokenizer.eos_token for text in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        encoded = tokenizer(rng.sample(documents, 16), return_tensors="pt", padding=True)
+        labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
+        model(**encoded, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
 # --- The demo's preference task ---------------------------------------------------------------------------------
 # An assistant should answer "how do I X?" helpfully rather than dismissively. Chosen and rejected completions are
 # drawn from two phrase pools, so a tiny model can learn the preference and the held-out topics test that it

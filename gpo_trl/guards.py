@@ -1,8 +1,8 @@
 """Keeping long runs safe: non-finite losses and gradients, preemption signals, and which checkpoint to trust.
 
 - Non-finite loss or gradients: by default the run stops before the optimizer applies them, with an error naming
-  the step; the checkpoints on disk are untouched. With `on_nonfinite: skip` the batch is dropped (zero update) and
-  counted in `gpo/skipped_batches`. All processes agree on the decision, so DDP never desynchronises.
+  the step; the checkpoints on disk are untouched. With `on_nonfinite: skip` the accumulation window is dropped (no
+  optimizer step, no LR-schedule step) and counted in `gpo/skipped_batches`. All processes agree on the decision, so DDP never desynchronises.
 - SIGTERM / SIGINT (a preempted or cancelled job): the current step finishes, a checkpoint is saved, training stops,
   and the recipe exits with a message that says how to resume.
 - Small result files (metrics, run records, sweep tables, demo data) are written with `write_text_atomic`.

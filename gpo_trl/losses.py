@@ -63,7 +63,11 @@ class GPOLoss:
 
     @property
     def c_f(self) -> float:
-        """Offline-regularisation constant c_f = f''(0) / (2 |f'(0)|); the regulariser's strength is beta * c_f."""
+        """Offline-regularisation constant c_f = f''(0) / (2 |f'(0)|).
+
+        Per unit of push (E f(beta rho) divided by beta |f'(0)|) the second-order term is beta * c_f * E[rho^2]:
+        strength beta * c_f on E[rho^2], i.e. 2 * beta * c_f on the logged `gpo/offline_reg` = 1/2 E[rho^2].
+        """
         return self.d2_at_0 / (2 * abs(self.d1_at_0))
 
     def derivative(self, t: torch.Tensor) -> torch.Tensor:

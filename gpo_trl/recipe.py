@@ -40,6 +40,14 @@ class GPOScriptArguments(ScriptArguments):
         default=False,
         metadata={"help": "Evaluate on the test split before training too, for a before/after summary."},
     )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A reference model other than the one training starts from (e.g. `gpo-trl iterate` with "
+            "`reference: initial`): loaded like the policy (same dtype and quantization) and kept frozen. Default: "
+            "the starting model itself (with LoRA: the base with the adapter disabled)."
+        },
+    )
 
 
 class ConfigError(ValueError):
@@ -144,6 +152,7 @@ def main(script_args, training_args, model_args, dataset_args):
     PartialState().print(summarize(reports))
     trainer = GPOTrainer(
         model=model_args.model_name_or_path,
+        ref_model=load_reference(script_args, training_args, model_args),
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -154,6 +163,10 @@ def main(script_args, training_args, model_args, dataset_args):
     trainer.dataset_names = dataset_names(script_args, dataset_args)
     if script_args.ignore_bias_buffers:
         ignore_bool_buffers(trainer.model)
+    if model_args.load_in_4bit:
+        from .fourbit import describe_4bit_kernel
+
+        PartialState().print(describe_4bit_kernel(trainer.accelerator.device.type))
     before = trainer.evaluate() if eval_dataset is not None and script_args.eval_before_training else None
     trainer.train(resume_from_checkpoint=resume_point(training_args))
     if trainer.preemption.signal is not None:
@@ -175,6 +188,24 @@ def ignore_bool_buffers(model):
     buffers that break its broadcast, transformers#22482). DDP reads this attribute when it wraps the model."""
     model._ddp_params_and_buffers_to_ignore = [name for name, buffer in model.named_buffers()
                                                if buffer.dtype == torch.bool]
+
+
+def load_reference(script_args, training_args, model_args):
+    """The explicit reference model, or None (TRL's default: the starting model, or the base with LoRA disabled)."""
+    if script_args.ref_model_name_or_path is None:
+        return None
+    from trl import get_quantization_config
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(training_args.model_init_kwargs or {})
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if PartialState().distributed_type.value in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # as TRL does for the policy: "auto" fails under DDP
+    reference = create_model_from_path(script_args.ref_model_name_or_path, **kwargs)
+    reference.requires_grad_(False)
+    return reference.eval()
 
 
 def save_final(trainer, output_dir: str):
@@ -211,7 +242,11 @@ def write_run_record(trainer, before: dict | None, after: dict | None):
     metrics.update(final_metrics(trainer.state.log_history))
     metrics.update(after or {})
     metrics.update({f"before_{k}": v for k, v in (before or {}).items()})
+    model = trainer.model
+    quantization = "4-bit" if getattr(model, "is_loaded_in_4bit", False) else (
+        "8-bit" if getattr(model, "is_loaded_in_8bit", False) else None)
     record = {"gpo_loss": trainer.args.gpo_loss, "beta": trainer.args.beta, "effective_beta": trainer.beta,
+              "datasets": trainer.dataset_names, "quantization": quantization,  # read by `gpo-trl merge`
               "steps": trainer.state.global_step, "metrics": metrics}
     write_text_atomic(Path(trainer.args.output_dir) / "gpo_run.json", json.dumps(record, indent=2))
 

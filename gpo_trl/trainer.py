@@ -15,10 +15,11 @@ import contextlib
 import inspect
 import os
 import textwrap
+import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import DistributedType, broadcast_object_list, is_peft_model
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 from trl.data_utils import maybe_extract_prompt
@@ -63,6 +64,12 @@ class GPOTrainer(DPOTrainer):
     loss = mean over pairs of f(beta_eff * rho), rho = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)],
     with f = `args.gpo_loss`, beta_eff = `args.effective_beta`, and rho per token when `args.gpo_length_normalize`.
     """
+
+    # Per-run flags, set on the instance when they change (the reference precompute runs inside DPOTrainer.__init__)
+    _window_poisoned = False  # a micro-batch of this accumulation window had a non-finite loss (on_nonfinite: skip)
+    _reported_skip = False  # the optimizer reports its last step as skipped (see _drop_window)
+    _warned_cache_not_shared = False
+    _warned_gradient_check_off = False
 
     _tag_names = ["trl", "dpo", "gpo", "gpo_trl"]
     _name = "GPO"
@@ -180,16 +187,44 @@ class GPOTrainer(DPOTrainer):
             return super()._precompute_ref_logps(dataset, name, batch_size)
         if self._padded_collator not in (None, self.data_collator):  # a later precompute (evaluate), packing on
             return self._with_padded_collator(self._precompute_ref_logps, dataset, name, batch_size)
-        path = self._ref_cache_dir / f"{refcache.cache_key(dataset, self._precompute_model_hash, self.args)}.arrow"
+        path = self._ref_cache_dir / f"{self._shared_cache_key(dataset)}.arrow"
         cached = refcache.load(path, len(dataset))
-        if cached is not None:
+        visible = self._ranks_with(cached is not None)
+        if visible[0]:  # rank 0 decides for everyone: a rank that computed alone would wait in a collective forever
+            if not all(visible):
+                self._warn_cache_not_shared(path, visible)
+                cached = Dataset(broadcast_object_list([cached.data.table if cached is not None else None])[0])
             self.accelerator.print(f"Reference log-probs for {name}: reused {path}")
             return concatenate_datasets([dataset.flatten_indices(), cached], axis=1)
         dataset = super()._precompute_ref_logps(dataset, name, batch_size)
         if self.accelerator.is_main_process:
             refcache.store(dataset, path)
         self.accelerator.wait_for_everyone()
+        visible = self._ranks_with(path.is_file())
+        if not all(visible):
+            self._warn_cache_not_shared(path, visible)
         return dataset
+
+    def _shared_cache_key(self, dataset) -> str:
+        """Rank 0's cache key, on every rank: the model hash is rank-dependent (ZeRO-3 shards the weights), as TRL
+        notes where it broadcasts its own."""
+        key = refcache.cache_key(dataset, self._precompute_model_hash, self.args) if self.accelerator.is_main_process \
+            else None
+        return broadcast_object_list([key])[0]
+
+    def _ranks_with(self, flag: bool) -> list[bool]:
+        """`flag` of every rank, in rank order."""
+        flags = self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device))
+        return [bool(value) for value in flags.tolist()]
+
+    def _warn_cache_not_shared(self, path, visible: list[bool]):
+        if self._warned_cache_not_shared or not self.accelerator.is_main_process:
+            return
+        self._warned_cache_not_shared = True
+        missing = ", ".join(f"rank {rank}" for rank, sees in enumerate(visible) if not sees)
+        warnings.warn(f"The reference log-probs cache directory {path.parent} is not shared: {missing} cannot see "
+                      f"{path.name}, which rank 0 wrote or read. Rank 0 sends the values to the others, so the run "
+                      "is correct; set `ref_logps_cache_dir` to a directory every node sees to skip that.")
 
     def _with_padded_collator(self, function, *args):
         """Run `function` with TRL's padded collator (TRL's precompute and reference helper expect its batches)."""
@@ -224,8 +259,8 @@ class GPOTrainer(DPOTrainer):
             per_token_logps = outputs.log_probs[:, -token_mask.size(1) :]
             loss = loss + self.args.sft_coef * self._sft_loss(mode, per_token_logps, token_mask)
         if self.aux_rewards:
-            mean_token_logps = logps / token_mask.sum(dim=1).clamp(min=1)  # (2B,) log pi(y|x) / |y|
-            loss = loss + self.args.aux_coef * self._auxiliary_loss(mode, mean_token_logps, inputs)
+            loss = loss + self.args.aux_coef * self._auxiliary_loss(mode, chosen_logratios, rejected_logratios,
+                                                                    inputs)
         if self.aux_loss_enabled:  # MoE router load balancing (TRL's "aux_loss", unrelated to the UPO objective)
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
@@ -267,39 +302,93 @@ class GPOTrainer(DPOTrainer):
         return outputs
 
     def training_step(self, *args, **kwargs):
-        """TRL's step, then a check that no NaN/inf gradient is about to reach the optimizer."""
+        """TRL's step; at the last micro-step of an accumulation window, check that no NaN/inf gradient is about to
+        reach the optimizer, and drop the whole window when it, or any of its micro-batches' losses, was not finite."""
         loss = super().training_step(*args, **kwargs)
         if not self.accelerator.sync_gradients:  # mid-accumulation: a NaN stays in the sum until the last micro-step
             return loss
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # One norm per tensor (no tensor-sized temporaries): a norm is finite iff every element is
-        if grads and not all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))]):
+        if not self._window_poisoned and not self._gradients_finite():
             self._nonfinite("gradients")
-            self.model.zero_grad(set_to_none=True)  # skip: with accumulation, the window's earlier batches go too
+        if self._window_poisoned:
+            self._window_poisoned = False
+            self._drop_window()
+        elif self._reported_skip:  # accelerate rewrites this flag only under AMP loss scaling: clear ours
+            self.optimizer._is_overflow = self._reported_skip = False
         return loss
 
+    def _gradients_finite(self) -> bool:
+        """True when every gradient is finite on every process; each rank joins the gather, with or without grads.
+        Where the gradients are out of reach the check is off: said once, loudly, and never counted as passed."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # the same on every rank: no gather
+            self._warn_gradient_check_off(
+                "DeepSpeed keeps the gradients in its own (partitioned) buffers and takes its optimizer step inside "
+                "backward, before this check could run. With `on_nonfinite: skip` a skipped batch's zero loss still "
+                "goes through that step (weight decay and the optimizer's moments move)")
+            return True
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # One norm per tensor (no tensor-sized temporaries): a norm is finite iff every element is
+        finite = all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))] if grads else [])
+        if not grads and any(p.requires_grad for p in self.model.parameters()):
+            self._warn_gradient_check_off("no trainable parameter holds a .grad after backward (the gradients are "
+                                          "kept elsewhere, as DeepSpeed ZeRO keeps them)")
+        return finite
+
+    def _warn_gradient_check_off(self, reason: str):
+        if self._warned_gradient_check_off or not self.accelerator.is_main_process:
+            return
+        self._warned_gradient_check_off = True
+        warnings.warn(f"The gradient finiteness check is OFF for this run: {reason}. Only the loss is checked "
+                      "(before backward); watch `grad_norm` in the logs.")
+
     def _nonfinite(self, what: str) -> torch.Tensor:
-        """Stop with an error naming the step, or count a skipped batch and return a zero loss that still reaches
-        every trainable parameter (so DDP's gradient hooks fire on all ranks)."""
+        """Stop with an error naming the step, or mark the accumulation window for dropping and return a zero loss
+        that still reaches every trainable parameter (so DDP's gradient hooks fire on all ranks). All ranks come here
+        together: the checks gather."""
         if self.args.on_nonfinite == "stop":
             raise NonFiniteError(nonfinite_message(what, self.state.global_step + 1, self.args.output_dir))
-        self._skipped_batches += 1
-        self._metrics["train"]["gpo/skipped_batches"] = [self._skipped_batches]
+        self._window_poisoned = True
         return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
 
-    def _auxiliary_loss(self, mode, mean_token_logps, inputs) -> torch.Tensor:
-        """UPO-style advantage-weighted likelihood of both responses (see gpo_trl.auxiliary), with its metrics."""
+    def _drop_window(self):
+        """Make the coming optimizer step a no-op: the weights, the optimizer's state (AdamW's moments, step counts,
+        weight decay) and the LR schedule stay exactly as they are. A zero gradient would not do: AdamW would still
+        decay the weights and move its moments. The step reports itself skipped through accelerate's
+        `step_was_skipped` (as an AMP overflow does), so transformers' Trainer leaves the LR scheduler alone;
+        `global_step` still advances."""
+        self._skipped_batches += 1
+        self._metrics["train"]["gpo/skipped_batches"] = [self._skipped_batches]
+        self.model.zero_grad(set_to_none=True)  # the window's earlier micro-batches go too; clipping sees no grads
+        optimizer = self.optimizer  # accelerate's AcceleratedOptimizer
+
+        def skipped_step(closure=None):
+            del optimizer.step  # back to the class's step for the next window
+            optimizer._is_overflow = True  # read by step_was_skipped
+
+        optimizer.step = skipped_step
+        self._reported_skip = True
+
+    def _auxiliary_loss(self, mode, chosen_logratios, rejected_logratios, inputs) -> torch.Tensor:
+        """The reference-anchored UPO term (see gpo_trl.auxiliary), a mean over pairs like the GPO loss; and its
+        metrics."""
         reward_chosen, reward_rejected = inputs["aux_reward_chosen"], inputs["aux_reward_rejected"]
-        weights, advantages = auxiliary.advantage_weights(reward_chosen, reward_rejected, self.args.aux_temperature,
-                                                          self.args.aux_baseline)
-        loss = auxiliary.aux_loss(mean_token_logps, weights)
+        advantages = auxiliary.pair_advantages(reward_chosen, reward_rejected)
+        logratios = torch.cat([chosen_logratios, rejected_logratios])  # (2B,) h = log pi / ref
+        if self.args.gpo_length_normalize:  # the per-token scale of the GPO margin
+            logratios = logratios / inputs["completion_mask"].sum(dim=1).clamp(min=1)
+        loss = auxiliary.aux_loss(self.gpo_loss, self.beta * logratios, advantages, self.args.aux_temperature).mean()
         metrics = self._metrics[mode]
         metrics["aux/reward_chosen"].append(self._gather_mean(reward_chosen))
         metrics["aux/reward_rejected"].append(self._gather_mean(reward_rejected))
-        metrics["aux/advantage_mean"].append(self._gather_mean(advantages))
         metrics["aux/advantage_abs"].append(self._gather_mean(advantages.abs()))
         metrics["aux/loss"].append(self._gather_mean(loss))
-        metrics["aux/ess"].append(self._gather_mean(auxiliary.effective_sample_size(weights)))
+        # Among the pairs the rewards tell apart: how often the policy's margin ranks them the designer's way
+        gap = advantages.chunk(2)[0]
+        ranked = gap != 0
+        ranked_pairs = self._gather_sum(ranked.sum()).item()
+        if ranked_pairs:
+            chosen, rejected = logratios.detach().chunk(2)
+            agrees = torch.sign(chosen - rejected) == torch.sign(gap)
+            metrics["aux/designer_accuracy"].append(self._gather_sum((agrees & ranked).sum()).item() / ranked_pairs)
         return loss
 
     def _sft_loss(self, mode, per_token_logps, token_mask) -> torch.Tensor:
@@ -380,7 +469,8 @@ class GPOTrainer(DPOTrainer):
         metrics["logps/rejected"].append(self._gather_mean(rejected_logps))
 
     def _log_gpo_diagnostics(self, mode, rho, scaled_margin):
-        """GPO paper, Sec. 3: E[rho], the offline regulariser 1/2 E[rho^2], and how much of the batch still pushes."""
+        """GPO paper, Sec. 3: E[rho], the offline regulariser 1/2 E[rho^2] (the paper's diagnostic; per unit of push
+        the loss weighs it by 2 * beta * c_f, see `GPOLoss.c_f`), and how much of the batch still pushes."""
         metrics = self._metrics[mode]
         rho = rho.detach()
         metrics["gpo/margin"].append(self._gather_mean(rho))

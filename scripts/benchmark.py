@@ -354,6 +354,7 @@ def summarise(contenders: list[Contender], baseline: Contender, args, **fields) 
             (sum(contender.tokens) / sum(contender.times)) / (sum(baseline.tokens) / sum(baseline.times)),
             "padding_fraction": 1 - sum(contender.filled) / sum(contender.cells),
             "forwards_per_step": contender.forwards,
+            "tokens_per_step": contender.tokens, "cells_per_step": contender.cells, "filled_per_step": contender.filled,
             "peak_memory_mb": memory(contender, args) if args.memory else None,
         })
     base_memory = results[contenders.index(baseline)]["peak_memory_mb"]

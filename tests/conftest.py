@@ -4,14 +4,23 @@ Nothing is downloaded: HF_HUB_OFFLINE=1 is set before transformers/datasets are 
 randomly initialised config saved with save_pretrained, then loaded back by path, like a Hub model.
 """
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never write to the user's datasets cache (load_dataset's arrow files, and the default reference log-probs
+# cache `<datasets cache>/gpo_trl_ref_logps` of every test that precomputes without its own ref_logps_cache_dir):
+# this process and every subprocess it starts use a temporary one, removed at exit. Set before datasets is imported.
+TEST_DATASETS_CACHE = tempfile.mkdtemp(prefix="gpo_trl_tests_datasets_cache_")
+os.environ["HF_DATASETS_CACHE"] = TEST_DATASETS_CACHE
+atexit.register(shutil.rmtree, TEST_DATASETS_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -74,3 +83,34 @@ def cpu_args(**overrides) -> dict:
 def logged_steps(trainer) -> list[dict]:
     """The per-step training logs (those with a `loss`), in order."""
     return [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+
+
+def launch_two_ranks(script: str, model, tmp_path, *script_args, timeout=240):
+    """`accelerate launch` 2 gloo processes of a script in tests/ on a free port; kill them all if they hang."""
+    import socket
+    import subprocess
+
+    import psutil
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tests = DATA.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+           "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "gpo_trl" / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(port),
+               str(tests / script), *script_args, str(model), str(tmp_path)]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        workers = psutil.Process(process.pid).children(recursive=True)  # torch's launcher gives each its own session
+        for worker in [*workers, psutil.Process(process.pid)]:
+            worker.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the ranks hung (no result in {timeout} s):\n{err[-3000:]}")
+    assert process.returncode == 0, err[-3000:]
+    [line] = [line for line in out.splitlines() if line.startswith("RANKS ")]
+    return sorted(json.loads(line[len("RANKS "):]), key=lambda entry: entry["rank"]), err

@@ -25,3 +25,8 @@ def fails_on_long_answers(prompt, completion):
     if len(completion.split()) > 12:
         raise ValueError("too long to score")
     return 0.0
+
+
+def constant(prompt, completion, value: float = 3.0):
+    """The same reward for every answer: it carries no information about which is better."""
+    return value

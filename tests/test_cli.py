@@ -120,3 +120,16 @@ def test_launch_args_pick_a_free_port_and_imply_multi_gpu():
     assert accelerate_launch_args(["--main_process_port", "1234"]).count("--main_process_port") == 1
     with_config = accelerate_launch_args(["--accelerate_config", "cpu_ddp"])
     assert "--main_process_port" in with_config and "--multi_gpu" not in with_config
+
+
+def test_help_prints_no_bitsandbytes_kernel_warning():
+    """bitsandbytes' optional-kernel warning (logged when peft imports it) stays out of commands that load no 4-bit
+    model; it is kept for the line a 4-bit run prints (tested with the QLoRA merge in tests/test_merge.py)."""
+    result = gpo_trl("--help", cwd=REPO)
+    assert result.returncode == 0 and "usage: gpo-trl" in result.stdout
+    output = result.stdout + result.stderr
+    assert "gemm_4bit_forward" not in output and "kernels-community" not in output, output
+    from gpo_trl.fourbit import describe_4bit_kernel
+
+    line = describe_4bit_kernel("cpu")
+    assert line.startswith("4-bit layers: bitsandbytes") and "CPU kernels" in line

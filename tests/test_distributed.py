@@ -37,14 +37,18 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(layout, tmp_
     assert "world size 1" in out_one and "world size 2 (MULTI_CPU)" in out_two
     assert "padded batches" in out_one and ("packed + prefix-shared batches" if layout else "padded batches") in out_two
     assert len(logs_one) == len(logs_two) == 2
+    # Measured: padded, every logged value within 1.1e-7 relative (most bit-identical), the weights within 7.5e-9;
+    # packed + prefix-shared (other kernels, other summation order), values within 2.6e-6 relative (offline_reg),
+    # weights within 1.7e-8 (|w| <= 0.09). The bounds are a small factor above.
+    metric_rtol = 1e-5 if layout else 1e-6
     for one, two in zip(logs_one, logs_two):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "gpo/margin", "gpo/offline_reg",
-                    "entropy", "num_tokens"):
-            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one["step"], key)
+        assert one.keys() == two.keys()
+        for key in one:
+            assert two[key] == pytest.approx(one[key], rel=metric_rtol, abs=1e-9), (one["step"], key)
     assert logs_two[1]["rewards/margins"] != 0  # the second step sees a trained adapter
     assert weights_one.keys() == weights_two.keys()
     for name in weights_one:
-        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=1e-7, msg=name)
     assert any(t.abs().sum() > 0 for n, t in weights_two.items() if "lora_B" in n)
 
 

@@ -1,12 +1,14 @@
 """Precomputed reference log-probs are an artifact: computed once per (tokenised data, reference weights,
 truncation, precision), reused by later runs that change anything else, recomputed when any of those change."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
 
-from conftest import DATA, cpu_args, logged_steps
+from conftest import DATA, cpu_args, launch_two_ranks, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer
 
 
@@ -70,3 +72,39 @@ def test_a_stale_or_broken_cache_file_is_recomputed_not_trusted(tiny_models, tmp
     again = make(tiny_models["llama"], tmp_path, beta=0.5)  # beta: so that TRL's own cache misses too
     assert sum(count_reference_passes) == 17
     torch.testing.assert_close(torch.tensor(again.train_dataset["ref_chosen_logps"]), torch.tensor(expected))
+
+
+def test_the_test_session_never_writes_the_users_datasets_cache():
+    """conftest points HF_DATASETS_CACHE (hence the default ref_logps_cache_dir) at a temporary directory, for this
+    process and its subprocesses, so tests that precompute without their own cache dir leave the user's cache alone."""
+    import datasets
+
+    from conftest import TEST_DATASETS_CACHE
+    from gpo_trl.refcache import default_cache_dir
+
+    assert datasets.config.HF_DATASETS_CACHE.resolve() == Path(TEST_DATASETS_CACHE).resolve()
+    assert default_cache_dir().resolve().parent == Path(TEST_DATASETS_CACHE).resolve()
+
+
+@pytest.mark.slow
+def test_ranks_with_different_model_hashes_share_rank_zeros_key(tiny_models, tmp_path):
+    """Each rank hashes the reference differently (under ZeRO-3 each holds another shard): all use rank 0's key, so
+    the second run is one shared hit (no rank computes alone, nobody hangs) and its values are the first run's."""
+    ranks, _ = launch_two_ranks("refcache_ranks.py", tiny_models["llama"], tmp_path, "keys")
+    assert [[run["passes"] > 0 for run in r["runs"]] for r in ranks] == [[True, False], [True, False]]
+    first = ranks[0]["runs"][0]["ref_chosen_logps"]
+    assert len(first) == 8 and all(run["ref_chosen_logps"] == first for r in ranks for run in r["runs"])
+    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 1  # one key, rank 0's
+
+
+@pytest.mark.slow
+def test_ranks_with_separate_cache_dirs_take_one_decision(tiny_models, tmp_path):
+    """Each rank has its own cache directory and only rank 0 writes: on the second run rank 0 has the file, rank 1
+    not. Rank 0's hit is everyone's: rank 1 gets the values from rank 0 and does no reference pass (rather than
+    entering the precompute's collectives alone), and a warning says the directory is not shared."""
+    ranks, err = launch_two_ranks("refcache_ranks.py", tiny_models["llama"], tmp_path, "dirs")
+    assert [[run["passes"] > 0 for run in r["runs"]] for r in ranks] == [[True, False], [True, False]]
+    first = ranks[0]["runs"][0]["ref_chosen_logps"]
+    assert all(run["ref_chosen_logps"] == first for r in ranks for run in r["runs"])
+    assert list((tmp_path / "cache-rank1").glob("*.arrow")) == []
+    assert "is not shared" in err and "rank 1" in err

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
-from conftest import REPO, console_script, cpu_args, logged_steps
+from conftest import REPO, console_script, cpu_args, launch_two_ranks, logged_steps
 from gpo_trl import GPOConfig, GPOTrainer, available_losses
 from gpo_trl.data import DataError, check_dataset, check_row
 from gpo_trl.guards import NonFiniteError, last_complete_checkpoint
@@ -203,6 +205,108 @@ def test_nonfinite_batches_can_be_skipped_and_counted(loss, tiny_models, zen_dat
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+EXACT = {"calls": 0, "poisoned": set(), "gradient_only": False}
+
+
+def exactly_poisoned(t):
+    """softplus(-t), except on the training micro-batches listed in EXACT["poisoned"] (0-based; a micro-batch makes
+    two calls with 2 or 4 margins: the loss and the gpo/push derivative), where the value, or only its gradient,
+    turns NaN. The config's probes use other sizes."""
+    if t.numel() in (2, 4):
+        micro_batch = EXACT["calls"] // 2
+        EXACT["calls"] += 1
+        if micro_batch in EXACT["poisoned"]:
+            return torch.nn.functional.softplus(-_NaNGradient.apply(t)) if EXACT["gradient_only"] else t * float("nan")
+    return torch.nn.functional.softplus(-t)
+
+
+class Snapshots(TrainerCallback):
+    """After every optimizer step, clones of what a skipped step must leave alone: the trainable weights, the
+    optimizer's state (AdamW: exp_avg, exp_avg_sq, step) and the LR scheduler's state."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        moments = {(i, k): v.clone() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+        self.steps.append((weights, moments, dict(lr_scheduler.state_dict())))
+
+
+def assert_identical(before: dict, after: dict):
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+@pytest.mark.parametrize("gradient_only, accumulation, poisoned", [
+    (False, 1, {1}),  # the loss is NaN at step 2
+    (False, 2, {3}),  # ... in the second micro-batch of step 2: the first micro-batch's gradient goes too
+    (True, 1, {1}),  # the loss is finite, its gradient NaN, at step 2
+    (True, 2, {3}),
+], ids=["loss", "loss-accumulated", "gradient", "gradient-accumulated"])
+def test_a_skipped_step_changes_nothing(gradient_only, accumulation, poisoned, tiny_models, zen_rows, tmp_path):
+    """AdamW with weight decay 0.1 and a linear LR schedule, the same 4 pairs every step, step 2 poisoned, `skip`:
+    after step 2 the weights, the optimizer's moments and step counts, and the LR schedule are bit-identical to
+    after step 1 (a zero gradient would still move the weights by weight decay and the moments); step 3 updates
+    again, and the loss keeps going down to the end with finite weights."""
+    EXACT.update(calls=0, poisoned=poisoned, gradient_only=gradient_only)
+    snapshots = Snapshots()
+    args = GPOConfig(output_dir=str(tmp_path), gpo_loss="test_reliability:exactly_poisoned", on_nonfinite="skip",
+                     **cpu_args(max_steps=6, optim="adamw_torch", weight_decay=0.1, lr_scheduler_type="linear",
+                                per_device_train_batch_size=4 // accumulation,
+                                gradient_accumulation_steps=accumulation))
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=Dataset.from_list(zen_rows[:4]),
+                         peft_config=lora(), callbacks=[snapshots])
+    trainer.train()
+    (weights_1, moments_1, schedule_1), (weights_2, moments_2, schedule_2), (weights_3, _, schedule_3) = \
+        snapshots.steps[:3]
+    assert_identical(weights_1, weights_2)
+    assert_identical(moments_1, moments_2)
+    assert {moments_2[k].item() for k in moments_2 if k[1] == "step"} == {1.0}  # AdamW counted one step only
+    assert schedule_2 == schedule_1
+    assert schedule_3["last_epoch"] == schedule_1["last_epoch"] + 1
+    assert not all(torch.equal(weights_2[n], weights_3[n]) for n in weights_2)  # step 3 is a real update
+    logs = logged_steps(trainer)
+    assert [e.get("gpo/skipped_batches") for e in logs] == [None, 1, None, None, None, None]  # logged when it grows
+    assert trainer.state.global_step == 6  # the skipped step counts as a step
+    after = [e["loss"] for e in logs[2:]]
+    assert all(later < earlier for earlier, later in zip(after, after[1:])) and after[-1] < logs[0]["loss"]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_skipped_by_all(tiny_models, tmp_path):
+    """2 DDP processes over gloo, the loss NaN at step 2 on rank 1 only: both ranks skip that step (one decision),
+    each keeps weights, AdamW state and LR schedule bit-identical across it, and both end with the same weights."""
+    ranks, _ = launch_two_ranks("skip_ranks.py", tiny_models["llama"], tmp_path)
+    assert [(r["weights_kept"], r["optimizer_kept"], r["schedule_kept"], r["step_3_updated"]) for r in ranks] == \
+        [(True, True, True, True)] * 2
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_gradients_out_of_reach_turn_the_check_off_loudly(tiny_models, zen_dataset, tmp_path):
+    """As under DeepSpeed ZeRO, each trainable parameter's gradient is moved elsewhere during backward (a hook takes
+    it and leaves .grad None). The NaN gradients of steps 2-4 then reach no .grad and cannot be checked: the run
+    says so once, loudly, instead of passing them as checked."""
+    trainer = nan_trainer(tiny_models, zen_dataset, tmp_path, loss="poisoned_gradient")
+    moved = []
+
+    def move_away(parameter):
+        moved.append(bool(torch.isfinite(parameter.grad).all()))
+        parameter.grad = None
+
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad:
+            parameter.register_post_accumulate_grad_hook(move_away)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.train()
+    off = [str(w.message) for w in record if "gradient finiteness check is OFF" in str(w.message)]
+    assert len(off) == 1 and "no trainable parameter holds a .grad" in off[0]
+    assert moved and not all(moved)  # NaN gradients did arrive, unchecked
+
+
 @pytest.mark.parametrize("name", available_losses())
 def test_bfloat16_training_at_extreme_margins_stays_finite(name, tiny_models, zen_dataset, tmp_path):
     """bfloat16 autocast, beta = 1e4 so that beta * rho reaches thousands after one update: loss, gradients and
@@ -259,9 +363,10 @@ def uninterrupted(tmp_path_factory):
 
 
 def assert_same_adapter(a, b):
+    """Bit-identical (measured): resuming restores weights, optimizer, scheduler, RNG and data order exactly."""
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(a[name], b[name]), f"{name}: differs by up to {(a[name] - b[name]).abs().max().item():.3g}"
 
 
 @pytest.mark.slow

@@ -10,12 +10,19 @@
     launch: [--num_processes, "1"]      # options for the launcher, as for `gpo-trl train`
     plots:                              # PNGs next to the results table
       - {x: beta, y: eval_rewards/accuracies}
-      - {x: eval_gpo/offline_reg, y: eval_rewards/accuracies}
+      - {x: eval_gpo/offline_reg, y: eval_logps/chosen, xscale: log}   # also: yscale
+    evaluate_generate: generate.yaml    # optional: `gpo-trl evaluate --generate` per point, as gen/* columns
+                                        # (gen/judge_mean, gen/kl, gen/win_rate, ...), e.g. for a plot of
+                                        # {x: gen/kl, y: gen/judge_mean}
 
 Points run one after another through the same launcher as `gpo-trl train`. A point whose `result.json` exists is
 finished and skipped, so an interrupted sweep resumes where it stopped. All points share one reference log-probs
 cache, so with `precompute_ref_log_probs: true` the reference pass runs once for the whole sweep. Results go to
 `results.jsonl` and `results.csv` (rewritten atomically after every point) and the plots to `plot_<y>_vs_<x>.png`.
+
+On a SLURM cluster: `--emit-slurm DIR` writes a job array of the unfinished points (one task each, running
+`--point INDEX`), and `--collect` rebuilds the table and plots from the points' outputs (see
+gpo_trl/experiments/slurm_array.py).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import yaml
 from ..guards import write_text_atomic
 from ..recipe import ConfigError, parse_args
 
-_KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots"}
+_KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots", "evaluate_generate"}
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Sweep:
     overrides: dict = field(default_factory=dict)
     launch: list[str] = field(default_factory=list)
     plots: list[dict] = field(default_factory=list)
+    evaluate_generate: Path | None = None  # a generation-evaluation file (gpo_trl.generate_eval)
 
     def points(self) -> list[dict]:
         keys = list(self.grid)
@@ -70,6 +78,12 @@ def load_sweep(path: str) -> Sweep:
     sweep = Sweep(base=(path.parent / spec["base"]).resolve(), output_dir=Path(spec["output_dir"]), grid=grid,
                   overrides=spec.get("overrides") or {}, launch=[str(a) for a in spec.get("launch") or []],
                   plots=spec.get("plots") or [])
+    check_plots(sweep.plots, path)
+    if spec.get("evaluate_generate"):
+        from ..generate_eval import load_settings
+
+        sweep.evaluate_generate = (path.parent / spec["evaluate_generate"]).resolve()
+        load_settings(str(sweep.evaluate_generate))  # checked now, like the points
     for point in sweep.points():
         try:
             parse_args(["--config", str(sweep.base), *recipe_args(sweep, point, Path("check"))])
@@ -92,27 +106,72 @@ def _cli_value(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def point_command(sweep: Sweep, point: dict, resume: bool = False) -> list[str]:
+    """The `gpo-trl train` command of one point. `resume`: continue from the point's last complete checkpoint (a
+    requeued cluster task); placed before the point's settings so that an explicit override still wins."""
+    resume_args = ["--resume_from_checkpoint", "last"] if resume else []
+    return [sys.executable, "-m", "gpo_trl", "train", "--config", str(sweep.base), *sweep.launch, *resume_args,
+            *recipe_args(sweep, point, sweep.output_dir / point_name(point))]
+
+
+def finished(sweep: Sweep, point: dict) -> bool:
+    return (sweep.output_dir / point_name(point) / "result.json").is_file()
+
+
+def run_point(sweep: Sweep, point: dict, resume: bool = False) -> int:
+    """Train one point (unless finished) and mark it finished with result.json; returns the training's exit code."""
+    point_dir = sweep.output_dir / point_name(point)
+    code = subprocess.run(point_command(sweep, point, resume=resume)).returncode
+    if code == 0:
+        mark_finished(sweep, point, point_dir)
+    return code
+
+
+def mark_finished(sweep: Sweep, point: dict, point_dir: Path):
+    """result.json: the point's settings, its final metrics and, with `evaluate_generate`, the gen/* columns."""
+    result = collect(point, point_dir)
+    if sweep.evaluate_generate is not None:
+        from ..generate_eval import generation_metrics
+
+        result.update(generation_metrics(sweep.evaluate_generate, point_dir))
+    write_text_atomic(point_dir / "result.json", json.dumps(result, indent=2))
+
+
 def run_sweep(sweep: Sweep) -> list[dict]:
     """Run the unfinished points, then write the results table and the plots."""
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     points = sweep.points()
     for index, point in enumerate(points, start=1):
-        point_dir = sweep.output_dir / point_name(point)
-        if (point_dir / "result.json").is_file():
+        if finished(sweep, point):
             print(f"[{index}/{len(points)}] {point_name(point)}: finished earlier, skipped")
             continue
         print(f"[{index}/{len(points)}] {point_name(point)}: running", flush=True)
-        command = [sys.executable, "-m", "gpo_trl", "train", "--config", str(sweep.base), *sweep.launch,
-                   *recipe_args(sweep, point, point_dir)]
-        if subprocess.run(command).returncode != 0:
+        if run_point(sweep, point) != 0:
             raise RuntimeError(f"Sweep point {point_name(point)} failed (see its output above); finished points are "
                                f"kept, rerun `gpo-trl sweep` to resume.")
-        write_text_atomic(point_dir / "result.json", json.dumps(collect(point, point_dir), indent=2))
         write_tables(sweep)  # current after every point, so an interrupted sweep still has its table
+    return tabulate_and_plot(sweep)
+
+
+def tabulate_and_plot(sweep: Sweep) -> list[dict]:
     rows = write_tables(sweep)
     for plot in sweep.plots:
         draw(rows, sweep, plot)
     return rows
+
+
+def collect_points(sweep: Sweep) -> tuple[list[dict], list[str]]:
+    """`gpo-trl sweep --collect`: the table and plots rebuilt from the points' outputs (e.g. after a SLURM array).
+    A point whose run finished (gpo_run.json) but was not marked (no result.json) is marked now. Returns the rows
+    and the names of the points without a finished run."""
+    missing = []
+    for point in sweep.points():
+        point_dir = sweep.output_dir / point_name(point)
+        if not finished(sweep, point) and (point_dir / "gpo_run.json").is_file():
+            mark_finished(sweep, point, point_dir)
+        if not finished(sweep, point):
+            missing.append(point_name(point))
+    return tabulate_and_plot(sweep), missing
 
 
 def collect(point: dict, point_dir: Path) -> dict:
@@ -133,37 +192,97 @@ def write_tables(sweep: Sweep) -> list[dict]:
     return rows
 
 
-def draw(rows: list[dict], sweep: Sweep, plot: dict) -> Path:
-    """y against x, one line per value of the grid's other keys (e.g. per loss), sorted by x."""
-    import matplotlib
+_PLOT_KEYS = {"x", "y", "xscale", "yscale"}
+_MARKERS = "osD^vP*Xh<>"
 
-    matplotlib.use("Agg")
+
+def check_plots(plots, path: Path):
+    if not isinstance(plots, list) or not all(isinstance(p, dict) and {"x", "y"} <= set(p) for p in plots):
+        raise ConfigError(f"`plots` in {path} must be a list of mappings with `x` and `y` (and optionally `xscale`, "
+                          "`yscale`: linear or log).")
+    for plot in plots:
+        if set(plot) - _PLOT_KEYS or plot.get("xscale", "linear") not in ("linear", "log") \
+                or plot.get("yscale", "linear") not in ("linear", "log"):
+            raise ConfigError(f"Plot {plot} in {path}: keys are {sorted(_PLOT_KEYS)}, scales `linear` or `log`.")
+
+
+def draw(rows: list[dict], sweep: Sweep, plot: dict) -> Path:
+    """Write `plot_<y>_vs_<x>.png` (atomically) into the sweep's output_dir."""
     import matplotlib.pyplot as plt
 
-    x, y = plot["x"], plot["y"]
-    group_keys = [k for k in sweep.grid if k != x]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    groups: dict[str, list] = {}
-    for row in rows:
-        if x in row and y in row:
-            groups.setdefault(", ".join(f"{k}={row[k]}" for k in group_keys), []).append((row[x], row[y]))
-    for label, values in sorted(groups.items()):
-        values.sort()
-        axis.plot([v[0] for v in values], [v[1] for v in values], marker="o", label=label or None)
-    axis.set_xlabel(x)
-    axis.set_ylabel(y)
-    if x == "beta":
-        axis.set_xscale("log")
-    if any(groups):
-        axis.legend(fontsize=7)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    path = sweep.output_dir / f"plot_{_slug(y)}_vs_{_slug(x)}.png"
+    figure = plot_figure(rows, sweep, plot)
+    path = sweep.output_dir / f"plot_{_slug(plot['y'])}_vs_{_slug(plot['x'])}.png"
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
     os.replace(tmp, path)
     return path
+
+
+def plot_figure(rows: list[dict], sweep: Sweep, plot: dict):
+    """y against x. Colour: the loss (or the grid's first key); marker: the combination of the remaining keys.
+    x a grid key: one line per colour/marker combination, ticks at the grid values. x a metric: one point per run,
+    the points of one colour joined in grid order, so each loss traces a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    x, y = plot["x"], plot["y"]
+    keys = [k for k in sweep.grid if k != x]
+    colour_key = "gpo_loss" if "gpo_loss" in keys else (keys[0] if keys else None)
+    marker_keys = [k for k in keys if k != colour_key]
+    colours = {v: f"C{i}" for i, v in enumerate(sweep.grid.get(colour_key, [None]))}
+    markers = _marker_styles(sweep, marker_keys)
+    order = {tuple(p.values()): i for i, p in enumerate(sweep.points())}
+    usable = sorted((r for r in rows if x in r and y in r), key=lambda r: order.get(tuple(r[k] for k in sweep.grid), 0))
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    by_x_grid = x in sweep.grid
+    series: dict[tuple, list] = {}
+    for row in usable:
+        marker_value = tuple(row.get(k) for k in marker_keys)
+        group = (row.get(colour_key), marker_value) if by_x_grid else (row.get(colour_key),)
+        series.setdefault(group, []).append(row)
+    for group, members in series.items():
+        colour = colours.get(group[0], "C0")
+        points = sorted(members, key=lambda r: r[x]) if by_x_grid else members
+        axis.plot([r[x] for r in points], [r[y] for r in points], color=colour, alpha=0.9 if by_x_grid else 0.35,
+                  linewidth=1.5 if by_x_grid else 1.0, zorder=1)
+        for row in points:
+            axis.scatter(row[x], row[y], color=colour, marker=markers[tuple(row.get(k) for k in marker_keys)],
+                         s=40, zorder=2, edgecolors="white", linewidths=0.5)
+    xscale = plot.get("xscale", "log" if x == "beta" else "linear")
+    axis.set_xscale(xscale)
+    axis.set_yscale(plot.get("yscale", "linear"))
+    if by_x_grid and all(isinstance(v, (int, float)) for v in sweep.grid[x]):
+        # ticks at the grid values only: a log axis would otherwise label minor ticks that run into each other
+        axis.xaxis.set_major_locator(FixedLocator(sorted(sweep.grid[x])))
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.set_xticklabels([f"{v:g}" for v in sorted(sweep.grid[x])])
+    handles = [Line2D([], [], color=c, marker="o", linestyle="-", label=f"{colour_key}={v}")
+               for v, c in colours.items() if v is not None and any(g[0] == v for g in series)]
+    if len(markers) > 1:
+        handles += [Line2D([], [], color="0.4", marker=m, linestyle="none", label=_label(marker_keys, v))
+                    for v, m in markers.items()]
+    if handles:
+        axis.legend(handles=handles, fontsize=8, ncol=2 if len(handles) > 6 else 1)
+    axis.set_xlabel(x)
+    axis.set_ylabel(y)
+    axis.set_title(f"{y} vs {x}", fontsize=10)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def _marker_styles(sweep: Sweep, marker_keys: list[str]) -> dict[tuple, str]:
+    values = list(dict.fromkeys(tuple(p[k] for k in marker_keys) for p in sweep.points()))
+    return {v: _MARKERS[i % len(_MARKERS)] for i, v in enumerate(values)}
+
+
+def _label(keys: list[str], values: tuple) -> str:
+    return ", ".join(f"{k}={v}" for k, v in zip(keys, values))
 
 
 def _slug(text: str) -> str:

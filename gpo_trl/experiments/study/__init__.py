@@ -27,8 +27,9 @@ from .command import main
 from .config import StudyConfig, load_config
 from .measure import (completion_mask, diversity, evaluate_policy, rewards, sample, sample_in_batches,
                       sequence_logprobs, token_entropy)
-from .report import (best_beta, best_beta_table, gold_at_matched_kl, markdown_tables, offline_reg_kl_agreement,
-                     plot_offline_reg_vs_kl, plot_reward_vs_kl, plot_vs_beta, spearman, write_outputs)
+from .report import (best_beta, best_beta_table, gold_at_matched_kl, interpolate, markdown_tables,
+                     offline_reg_kl_agreement, plot_offline_reg_vs_kl, plot_reward_vs_kl, plot_vs_beta, spearman,
+                     write_outputs)
 from .run import calibration_refusal, grid, prepare, preference_pairs, run_point, run_study, train_policy
 from .task import (EOS, FIRST_WORD, GOOD_EVERY, PAD, SEP, TARGET_LENGTH, body, build_model, build_tokenizer,
                    gold_reward, make_corpus, pretrain, random_prompts, to_text)

@@ -69,14 +69,14 @@ def gold_at_matched_kl(rows: list[dict], kls=(2.0, 3.0, 4.0, 5.0, 6.0)) -> dict:
         curves[loss] = branch
     table = {}
     for kl in kls:
-        values = {loss: _interpolate(branch, kl) for loss, branch in curves.items()}
+        values = {loss: interpolate(branch, kl) for loss, branch in curves.items()}
         values = {loss: v for loss, v in values.items() if v is not None}
         if len(values) > 1:
             table[str(kl)] = {**values, "spread": max(values.values()) - min(values.values())}
     return table
 
 
-def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1 and x1 > x0:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
