@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --json runs/benchmark.json          # hh-rlhf sample, 4-layer 256-wide Llama, CPU
     python scripts/benchmark.py --parts layouts --steps 6          # only the batch layouts
+    python scripts/benchmark.py --parts reference_free --steps 6   # GPO with the reference against SimPO
     python scripts/benchmark.py --device cuda --scale qwen2.5-0.5b --markdown docs/benchmark-gpu.md   # on a GPU
 
 `--scale qwen2.5-0.5b` (or `qwen2.5-1.5b`) is the realistic mode: the model is built from that model's config shape
@@ -19,6 +20,11 @@ Part `layouts`: TRL's padded DPO against GPO (logistic) with padded, length-grou
 prefix-shared and packed + prefix-shared batches, LoRA, at the same batch size and max_length.
 Part `overhead`: the milliseconds GPO's code adds around the model per step (loss, metrics and their backward, replayed
 on recorded outputs, plus the gradient finiteness check), against TRL's, with a low enough noise to check the 2% target.
+Part `reference_free` (not in the default parts): GPO logistic with the reference (LoRA: the disabled-adapter
+reference pass; full fine-tuning: the separate reference model) against reference-free SimPO (`gpo_reference: none`,
+`gpo_length_normalize`, `gpo_margin`) and the floor, for LoRA and full fine-tuning, all on the instance built with the
+reference (the reference-free contender switches `gpo_reference` to `none` for its own steps), with the model forwards
+counted per step; then the peak memory of a whole run, model load included, on separate instances.
 
 How it measures. The code paths of one comparison run on ONE GPOTrainer instance: TRL's (DPOTrainer's own
 `training_step` and `_compute_loss`, called on the instance; GPOConfig keeps TRL's `loss_type: sigmoid`), GPO's with
@@ -188,11 +194,13 @@ class Contender:
     `gpo` (GPOTrainer's, with `loss`), or `floor`; on a trainer, with a collator (the batch layout)."""
 
     def __init__(self, name: str, trainer, kind: str = "gpo", loss: str | None = None, collator=None,
-                 grouped: bool = False, attention: str | None = None):
+                 grouped: bool = False, attention: str | None = None, config: dict | None = None):
         self.name, self.trainer, self.kind, self.grouped, self.attention = name, trainer, kind, grouped, attention
         self.loss = get_loss(loss) if loss else None
         self.collator = collator or trainer.data_collator
+        self.config = config or {}  # GPOConfig fields set on the shared trainer for this contender's steps only
         self.times, self.cpu_times, self.collate_times, self.tokens, self.cells, self.filled = [], [], [], [], [], []
+        self.forwards = []  # model forwards (policy and reference) per recorded step
         if trainer.optimizer is None:
             trainer.create_optimizer()
             trainer.current_gradient_accumulation_steps = 1  # what Trainer.train() sets before its first step
@@ -202,28 +210,30 @@ class Contender:
         if self.loss is not None:
             trainer.gpo_loss = self.loss
         set_attention(trainer, self.attention)
-        synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        batch = self.collator([trainer.train_dataset[i] for i in indices])
-        collated = time.perf_counter()
-        if self.kind == "floor":
-            batch = trainer._prepare_inputs(batch)
-            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                                use_cache=False, fused_lm_head=True)
-            out.log_probs.sum().backward()
-        elif self.kind == "trl":
-            with trl_code_path(trainer):
-                DPOTrainer.training_step(trainer, trainer.model, batch)
-        else:
-            trainer.training_step(trainer.model, batch)
-        synchronize()
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        with config_fields(trainer.args, self.config), counted_forwards(trainer) as forwards:
+            synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            batch = self.collator([trainer.train_dataset[i] for i in indices])
+            collated = time.perf_counter()
+            if self.kind == "floor":
+                batch = trainer._prepare_inputs(batch)
+                labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+                out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    labels=labels, use_cache=False, fused_lm_head=True)
+                out.log_probs.sum().backward()
+            elif self.kind == "trl":
+                with trl_code_path(trainer):
+                    DPOTrainer.training_step(trainer, trainer.model, batch)
+            else:
+                trainer.training_step(trainer.model, batch)
+            synchronize()
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if self.kind != "floor":
             trainer.optimizer.step()
         trainer.model.zero_grad(set_to_none=True)
         if record:
             self.times.append(elapsed)
+            self.forwards.append(forwards[0])
             self.cpu_times.append(cpu)
             self.collate_times.append(collated - start)
             self.tokens.append(int(batch["sequence_lengths" if is_packed(batch) else "attention_mask"].sum()))
@@ -235,6 +245,39 @@ class Contender:
         padded = self.trainer._padded_collator([self.trainer.train_dataset[i] for i in indices])
         units = pair_units(padded) if self.collator.prefix_sharing else sequence_units(padded)
         return sum(len(unit) for unit in units)
+
+
+@contextlib.contextmanager
+def config_fields(config, fields: dict):
+    """Set these config fields for the block (the contender's variant of the shared trainer), then restore them."""
+    saved = {name: getattr(config, name) for name in fields}
+    for name, value in fields.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+@contextlib.contextmanager
+def counted_forwards(trainer):
+    """Count the transformer forwards in the block, policy and reference alike: every one embeds its input ids once,
+    so a hook on the input embeddings of the policy and of a separate reference model sees each pass exactly once
+    (under LoRA the disabled-adapter reference pass runs the policy's own embeddings)."""
+    count = [0]
+    embeddings = {id(m.get_input_embeddings()): m.get_input_embeddings()
+                  for m in (trainer.model, trainer.ref_model) if m is not None}
+
+    def hook(*_):
+        count[0] += 1
+
+    handles = [module.register_forward_hook(hook) for module in embeddings.values()]
+    try:
+        yield count
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
@@ -310,6 +353,7 @@ def summarise(contenders: list[Contender], baseline: Contender, args, **fields) 
             "tokens_per_s_ratio": statistics.median([1 / r for r in ratios]) if not contender.grouped else
             (sum(contender.tokens) / sum(contender.times)) / (sum(baseline.tokens) / sum(baseline.times)),
             "padding_fraction": 1 - sum(contender.filled) / sum(contender.cells),
+            "forwards_per_step": contender.forwards,
             "tokens_per_step": contender.tokens, "cells_per_step": contender.cells, "filled_per_step": contender.filled,
             "peak_memory_mb": memory(contender, args) if args.memory else None,
         })
@@ -393,6 +437,67 @@ def layout_contenders(trainer, args) -> list[Contender]:
     for contender in contenders:  # the kernels are switched before each step: the others run under sdpa
         contender.attention = contender.attention or "sdpa"
     return contenders
+
+
+# SimPO's loss in GPO's terms (gamma 0.5 at the config's beta; the values do not change the work of a step)
+SIMPO = dict(gpo_reference="none", gpo_length_normalize=True, gpo_margin=0.5)
+
+
+def part_reference_free(model_path: Path, dataset, args, tmp: Path) -> list[dict]:
+    """GPO logistic with the reference (LoRA: the disabled-adapter pass; full: the separate reference model) against
+    reference-free SimPO and the floor, per setting, on ONE trainer instance built with the reference: the
+    reference-free contender sets `gpo_reference: none` (and SimPO's fields) for its own steps only, so the same
+    weights, optimizer and batches serve both. The step's peak memory is measured on that instance; the memory of a
+    whole run, model load included (a reference-free full fine-tune loads no reference copy), on separate instances."""
+    results = []
+    for setting in args.reference_free_settings:
+        lora = setting == "lora"
+        trainer = make_trainer("gpo", model_path, dataset, args, lora, False, tmp)
+        contenders = [Contender("GPO logistic, reference", trainer, loss="logistic"),
+                      Contender("SimPO (reference-free)", trainer, loss="logistic", config=SIMPO),
+                      Contender("floor (policy fwd+bwd)", trainer, kind="floor")]
+        race(contenders, args)
+        rows = summarise(contenders, contenders[0], args, part="reference_free", setting=setting)
+        for row, contender in zip(rows, contenders):
+            row["vs_floor"] = statistics.median([t / f for t, f in zip(contender.times, contenders[2].times)])
+        del trainer, contenders
+        gc.collect()
+        if args.memory:
+            with_load = run_memory(model_path, dataset, args, tmp, lora)
+            for row, key in zip(rows, ("reference", "reference_free")):
+                row["peak_memory_with_load_mb"] = with_load[key]
+                row["memory_with_load_ratio"] = with_load[key] / with_load["reference"]
+        print_table(rows, f"reference-free, {setting}; ratios (/TRL columns) against GPO with the reference; model "
+                    "forwards per step: "
+                    + ", ".join(f"{r['name']} {statistics.median(r['forwards_per_step']):.0f}" for r in rows))
+        if args.memory:
+            print(f"peak memory of a run, model load + two steps (separate instances, lowest of {args.memory_rounds}): "
+                  f"reference "
+                  f"{with_load['reference']:.0f} MB, reference-free {with_load['reference_free']:.0f} MB "
+                  f"({rows[1]['memory_with_load_ratio']:.3f})")
+        results += rows
+    return results
+
+
+def run_memory(model_path: Path, dataset, args, tmp: Path, lora: bool) -> dict[str, float]:
+    """Peak memory (MB) of building a trainer (models loaded: the policy, and for a full fine-tune with the reference
+    a second copy) and taking two steps, with and without the reference; separate instances, built in turn
+    `--memory_rounds` times (reference, reference-free, reference, reference-free, ...), the lowest of each kept (the
+    first build can also hold one-time allocations)."""
+    peaks = {"reference": [], "reference_free": []}
+    for _ in range(args.memory_rounds):
+        for key, config in (("reference", {}), ("reference_free", SIMPO)):
+            with PeakMemory() as peak:
+                trainer = make_trainer("gpo", model_path, dataset, args, lora, False, tmp, **config)
+                contender = Contender(key, trainer)
+                for indices in batches(trainer.train_dataset, args, grouped=False)[:2]:
+                    contender.step(indices, record=False)
+                del trainer, contender
+            peaks[key].append(peak.increase / 2**20)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return {key: min(values) for key, values in peaks.items()}
 
 
 class Replay(torch.nn.Module):
@@ -530,8 +635,13 @@ def main(argv=None):
     parser.add_argument("--losses", nargs="+", default=available_losses())
     parser.add_argument("--settings", nargs="+", default=["full", "lora", "full+precompute", "lora+precompute"])
     parser.add_argument("--parts", nargs="+", default=["losses", "layouts", "overhead"],
-                        choices=["losses", "layouts", "overhead"])
+                        choices=["losses", "layouts", "overhead", "reference_free"],
+                        help="reference_free (not run by default): GPO with the reference against SimPO")
+    parser.add_argument("--reference_free_settings", nargs="+", choices=["lora", "full"], default=["lora", "full"],
+                        help="fine-tuning settings of the reference_free part")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    parser.add_argument("--memory_rounds", type=int, default=2, help="reference_free part: builds of each trainer "
+                        "for the peak memory with the model load (the lowest is kept)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     parser.add_argument("--scale", choices=list(SCALES), default="toy",
@@ -559,6 +669,8 @@ def main(argv=None):
             results += part_layouts(model_path, dataset, args, Path(tmp) / "out")
         if "overhead" in args.parts:
             results += part_overhead(model_path, dataset, args, Path(tmp) / "out")
+        if "reference_free" in args.parts:
+            results += part_reference_free(model_path, dataset, args, Path(tmp) / "out")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "environment": environment(), "results": results},

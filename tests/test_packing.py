@@ -331,3 +331,40 @@ def check_benchmark_results(results: list[dict], batch: int, steps: int):
     for name, row in overhead.items():
         assert row["loss_path_ms"] > 0 and (row["gradient_check_ms"] > 0) == name.startswith("GPO"), name
         assert row["extra_ms_vs_trl"] == pytest.approx(row["loss_path_ms"] + row["gradient_check_ms"] - trl_ms), name
+
+
+@pytest.mark.slow
+def test_benchmark_reference_free_part_counts_one_forward_without_the_reference(tmp_path):
+    """scripts/benchmark.py --parts reference_free end to end at toy size, LoRA and full fine-tuning: with the
+    reference a step runs two model forwards (LoRA: the disabled-adapter pass; full: the separate reference model),
+    reference-free SimPO and the floor one; all run the same batches; the ratios are those of the recorded times."""
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--rows", "8", "--batch", "2",
+                    "--max_length", "96", "--steps", "2", "--warmup", "0", "--parts", "reference_free",
+                    "--memory_rounds", "1", "--json", str(out)], check=True, timeout=600,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = json.loads(out.read_text())["results"]
+    for setting in ("lora", "full"):
+        rows = {r["name"]: r for r in results if r["part"] == "reference_free" and r["setting"] == setting}
+        reference, free, floor = (rows[name] for name in ("GPO logistic, reference", "SimPO (reference-free)",
+                                                          "floor (policy fwd+bwd)"))
+        assert reference["forwards_per_step"] == [2, 2], setting
+        assert free["forwards_per_step"] == [1, 1] == floor["forwards_per_step"], setting
+        # the same batches: the same real tokens in total
+        tokens = [r["tokens_per_s"] * sum(r["step_times_s"]) for r in (reference, free, floor)]
+        assert max(tokens) - min(tokens) < 1e-6 * tokens[0]
+        ratios = [f / r for f, r in zip(free["step_times_s"], reference["step_times_s"])]
+        assert free["step_time_ratio"] == statistics.median(ratios) and reference["step_time_ratio"] == 1.0
+        assert free["tokens_per_s_ratio"] == statistics.median([1 / r for r in ratios])
+        assert reference["memory_with_load_ratio"] == 1.0 and reference["peak_memory_with_load_mb"] > 0
+        with_load = free["peak_memory_with_load_mb"] / reference["peak_memory_with_load_mb"]
+        assert free["memory_with_load_ratio"] == with_load
+        assert free["peak_memory_mb"] > 0 and free["memory_ratio"] > 0
