@@ -33,7 +33,6 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 
 from .auxiliary import as_text
 from .data import PreferenceSource
@@ -41,7 +40,7 @@ from .generation import (GenerationSettings, check_keys, completion_logprobs, lo
                          make_prompt_source, sample_completions)
 from .guards import write_text_atomic
 from .judges import Judge, make_judge, score_samples
-from .recipe import ConfigError
+from .recipe import ConfigError, read_yaml_file
 
 _KEYS = ["model", "prompts", "max_prompts", "samples_per_prompt", "generation", "judge", "bootstrap_samples", "seed"]
 
@@ -61,10 +60,7 @@ class GenerateEval:
 
 def load_settings(path: str) -> GenerateEval:
     path = Path(path)
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"Cannot read generation-evaluation file {path}: {err}") from err
+    spec = read_yaml_file(path, "generation-evaluation file")
     if not isinstance(spec, dict) or not {"prompts", "judge"} <= set(spec):
         raise ConfigError(f"Generation-evaluation file {path} needs `prompts` and `judge` (see `gpo-trl evaluate "
                           "--generate --help`).")

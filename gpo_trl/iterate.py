@@ -51,7 +51,7 @@ from .generation import (GenerationSettings, check_backend, check_keys, load_pro
                          make_prompt_source, sample_completions, sample_with_vllm)
 from .guards import write_text_atomic
 from .judges import PAIRINGS, Judge, make_judge, make_pairs, score_samples
-from .recipe import ConfigError, parse_args
+from .recipe import ConfigError, parse_args, read_yaml_file
 
 REFERENCES = ("initial", "previous")
 _REQUIRED = ("base", "output_dir", "prompts", "rounds", "judge")
@@ -83,10 +83,7 @@ class IteratePlan:
 def load_plan(path: str) -> IteratePlan:
     """Read and check an iterate file; the round recipe is parsed now, so a typo fails before any model loads."""
     path = Path(path)
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"Cannot read iterate file {path}: {err}") from err
+    spec = read_yaml_file(path, "iterate file")
     if not isinstance(spec, dict):
         raise ConfigError(f"Iterate file {path} must be a YAML mapping (see `gpo-trl iterate --help`).")
     check_keys(spec, _KEYS, f"iterate file {path}")

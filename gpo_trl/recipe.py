@@ -54,6 +54,14 @@ class ConfigError(ValueError):
     """A recipe or command-line problem, reported before any model or dataset is loaded."""
 
 
+def read_yaml_file(path: Path, what: str):
+    """The YAML content of a config file (sweep, iterate, generation-evaluation), or a ConfigError naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"Cannot read {what} {path}: {err}") from err
+
+
 def make_parser(prog: str | None = None) -> TrlParser:
     # allow_abbrev=False: argparse would otherwise silently read `--learning_rat` as `--learning_rate`.
     return TrlParser((GPOScriptArguments, GPOConfig, ModelConfig, DataArguments), prog=prog, allow_abbrev=False)

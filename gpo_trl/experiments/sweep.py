@@ -37,10 +37,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from ..guards import write_text_atomic
-from ..recipe import ConfigError, parse_args
+from ..recipe import ConfigError, parse_args, read_yaml_file
 
 _KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots", "evaluate_generate"}
 
@@ -63,10 +62,7 @@ class Sweep:
 def load_sweep(path: str) -> Sweep:
     """Read and check a sweep file; every point's full recipe is parsed now, so a typo fails before any run."""
     path = Path(path)
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"Cannot read sweep file {path}: {err}") from err
+    spec = read_yaml_file(path, "sweep file")
     if not isinstance(spec, dict) or not {"base", "grid", "output_dir"} <= set(spec):
         raise ConfigError(f"Sweep file {path} needs `base`, `output_dir` and `grid` (see `gpo-trl sweep --help`).")
     unknown = set(spec) - _KEYS
