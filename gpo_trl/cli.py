@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .data import DataError
@@ -133,7 +135,8 @@ def train(argv: list[str]) -> int:
     # the forwarder above: the workers checkpoint and exit 3.
     accelerate_args.signals_to_handle = "SIGHUP,SIGQUIT"
     try:
-        launch_command(accelerate_args)
+        with _one_local_process_runs_here(recipe_args):
+            launch_command(accelerate_args)
     except subprocess.CalledProcessError as err:  # the recipe has already said why; keep its exit code
         return err.returncode
     except Exception as err:  # torchrun's ChildFailedError: the failing rank's traceback was printed above
@@ -146,6 +149,42 @@ def train(argv: list[str]) -> int:
         codes = {failure.exitcode for failure in err.failures.values()}
         return 3 if 3 in codes and codes <= {3, -signal.SIGTERM} else 1
     return 0
+
+
+@contextmanager
+def _one_local_process_runs_here(recipe_args: list[str]):
+    """While `launch_command` runs, accelerate's launcher for a single local process runs the recipe in this process,
+    in the environment accelerate would give its child (`prepare_simple_launcher_cmd_env`: mixed precision, dynamo,
+    CPU threads, ...). Multi-process, DeepSpeed and FSDP launches are untouched.
+
+    Why not a child process: the training stack is imported once instead of twice (16 s of a small run on this 2-core
+    machine), and a SIGTERM reaches the trainer itself, which checkpoints and exits 3. accelerate 1.16's child runner
+    turns SIGTERM into exit 143 and kills the child 5 s later, before a large model's checkpoint is written
+    (measured: exit 143, so the SLURM script did not requeue)."""
+    import accelerate.commands.launch as accelerate_launch
+
+    def run_here(args):
+        import torch
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import prepare_simple_launcher_cmd_env
+
+        from .recipe import run
+
+        _, env = prepare_simple_launcher_cmd_env(args)
+        os.environ.update(env)
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # read by torch at import, before env was set
+        # The recipe check above built accelerate's state before this environment existed; the recipe builds it anew.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # no children to forward to: the trainer's guard takes over
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        run(recipe_args)
+
+    launcher = accelerate_launch.simple_launcher
+    accelerate_launch.simple_launcher = run_here
+    try:
+        yield
+    finally:
+        accelerate_launch.simple_launcher = launcher
 
 
 def parse_accelerate_args(launch_flags: list[str], recipe_args: list[str], launch_parser):

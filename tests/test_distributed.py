@@ -37,14 +37,14 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(layout, tmp_
     assert "world size 1" in out_one and "world size 2 (MULTI_CPU)" in out_two
     assert "padded batches" in out_one and ("packed + prefix-shared batches" if layout else "padded batches") in out_two
     assert len(logs_one) == len(logs_two) == 2
-    # Measured: padded, every logged value within 1.1e-7 relative (most bit-identical), the weights within 7.5e-9;
-    # packed + prefix-shared (other kernels, other summation order), values within 2.6e-6 relative (offline_reg),
-    # weights within 1.7e-8 (|w| <= 0.09). The bounds are a small factor above.
-    metric_rtol = 1e-5 if layout else 1e-6
+    # Measured on two machines of this kind (the float32 kernels, and how they block a batch of 4 rows rather than 8,
+    # differ by CPU): padded, every logged value within 1.1e-7 relative (most bit-identical) on one and 1.7e-6
+    # (offline_reg) on the other (AMD EPYC, AVX2); packed + prefix-shared (other kernels, other summation order)
+    # 2.6e-6 and 5.7e-7. Weights within 1.9e-8 (|w| <= 0.09). The bounds are a small factor above.
     for one, two in zip(logs_one, logs_two):
         assert one.keys() == two.keys()
         for key in one:
-            assert two[key] == pytest.approx(one[key], rel=metric_rtol, abs=1e-9), (one["step"], key)
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), (one["step"], key)
     assert logs_two[1]["rewards/margins"] != 0  # the second step sees a trained adapter
     assert weights_one.keys() == weights_two.keys()
     for name in weights_one:

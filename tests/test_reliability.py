@@ -9,6 +9,7 @@ import subprocess
 import time
 import warnings
 
+import psutil
 import pytest
 import torch
 from datasets import Dataset
@@ -375,6 +376,9 @@ def test_preemption_signal_saves_a_checkpoint_and_resume_matches(signum, uninter
         os.symlink(assets / name, tmp_path / name)
     process = start(tmp_path, "run")
     wait_for(tmp_path / "run" / "checkpoint-10" / "trainer_state.json", process)
+    # One local process: `gpo-trl train` trains in its own process (no accelerate child that could turn the signal
+    # into exit 143 and be killed 5 s later, as accelerate 1.16's child runner does)
+    assert psutil.Process(process.pid).children() == []
     os.killpg(process.pid, signum)  # like a scheduler: the whole process group
     out, err = process.communicate(timeout=120)
     assert process.returncode == 3, err[-3000:]
