@@ -15,6 +15,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:  # `-n 2`: one core per worker, for it and the processes it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
 # Tests never write to the user's datasets cache (load_dataset's arrow files, and the default reference log-probs
 # cache `<datasets cache>/gpo_trl_ref_logps` of every test that precomputes without its own ref_logps_cache_dir):
 # this process and every subprocess it starts use a temporary one, removed at exit. Set before datasets is imported.

@@ -27,10 +27,12 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from gpo_trl import GPOConfig, GPOTrainer, auxiliary  # noqa: E402
-from gpo_trl.auxiliary import readability_reward  # noqa: E402
 from gpo_trl.demo import make_demo_pairs, save_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from test_auxiliary import sample  # noqa: E402  (the test's own sampler: same protocol, one copy)
+
 PENALTY, BONUS = [{"name": "length", "weight": -1.0}], [{"name": "length", "weight": 1.0}]
 EASY, HARD = [{"name": "readability", "weight": 1.0}], [{"name": "readability", "weight": -1.0}]
 RUNS = {  # name: (variant, aux settings)
@@ -65,20 +67,6 @@ def tiny_model(root: Path, rows) -> Path:
              for k in ("prompt", "chosen", "rejected")]
     texts += [r[k] for split in rows.values() for r in split for k in ("prompt", "chosen", "rejected")]
     return save_tiny_model(root / "llama", "llama", texts, seed=0)
-
-
-def sample(trainer, tokenizer, prompts, seed=0):
-    torch.manual_seed(seed)
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    with torch.no_grad():
-        out = trainer.model.eval().generate(**batch, do_sample=True, max_new_tokens=48, num_return_sequences=8,
-                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    lengths, flesch = [], []
-    for ids in out[:, batch["input_ids"].shape[1]:].tolist():
-        length = ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids)
-        lengths.append(length)
-        flesch.append(readability_reward("", tokenizer.decode(ids[:length])))
-    return sum(lengths) / len(lengths), sum(flesch) / len(flesch)
 
 
 def main(runs, seed=0):
