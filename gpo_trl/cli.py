@@ -24,11 +24,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .data import DataError
-from .guards import write_text_atomic
+from .errors import ConfigError, DataError, JudgeError
 from .hub import PushError
-from .judges import JudgeError
-from .recipe import ConfigError, parse_args
 
 # Options meant for `accelerate launch`, not for the recipe. Everything else must be a recipe key.
 _LAUNCH_OPTIONS = {"--accelerate_config", "--num_processes", "--num_machines", "--machine_rank", "--mixed_precision",
@@ -121,13 +118,16 @@ def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def train(argv: list[str]) -> int:
-    from accelerate.commands.launch import launch_command, launch_command_parser
-
     argv, passthrough = split_passthrough(argv)
     launch, recipe_args = split_launch_args(argv)
+    launch_flags = accelerate_launch_args(launch) + passthrough  # a bad launch option fails here, in a blink
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    from .recipe import parse_args
+
     parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
-    accelerate_args = parse_accelerate_args(accelerate_launch_args(launch) + passthrough, recipe_args,
-                                            launch_command_parser())
+    accelerate_args = parse_accelerate_args(launch_flags, recipe_args, launch_command_parser())
     _forward_signals_to_children()
     # Several processes run under torchrun's agent, in this process, which by default takes SIGTERM/SIGINT over
     # (raises, kills the workers 30 s later, exit 1 with a traceback: measured with cpu_ddp, so a SLURM job was not
@@ -211,7 +211,8 @@ def _forward_signals_to_children():
 
 
 def evaluate(argv: list[str]) -> int:
-    from .recipe import evaluate_adapter
+    from .guards import write_text_atomic
+    from .recipe import evaluate_adapter, parse_args
 
     if "--generate" in argv or "--compare" in argv:
         return evaluate_generate(argv)

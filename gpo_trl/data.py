@@ -31,6 +31,8 @@ from pathlib import Path
 from datasets import Dataset, Features, LargeList, List, Value, concatenate_datasets, load_dataset
 from trl.data_utils import extract_prompt
 
+from .errors import DataError
+
 logger = logging.getLogger(__name__)
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -38,10 +40,6 @@ SYSTEM = "system"  # optional column: a system message before the prompt (see `w
 CHAT_TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # kept: TRL passes them to apply_chat_template
 ROLES = {"system", "user", "assistant", "tool"}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """A dataset problem found before training: names the dataset, the row and the column."""
 
 
 @dataclass

@@ -27,13 +27,9 @@ from dataclasses import dataclass, field
 
 from .auxiliary import BUILTIN_REWARDS, RewardError, resolve_reward
 from .generation import check_keys
-from .recipe import ConfigError
+from .errors import ConfigError, JudgeError
 
 PAIRINGS = ("best_vs_worst", "all_pairs", "random_pair")
-
-
-class JudgeError(RuntimeError):
-    """A judge failed on a sample: names the prompt index and the sample."""
 
 
 @dataclass

@@ -20,7 +20,8 @@ from accelerate import PartialState
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import GPOConfig
-from .data import DataArguments, DataError
+from .data import DataArguments
+from .errors import ConfigError, DataError
 from .guards import NonFiniteError, last_complete_checkpoint, write_text_atomic
 from .hub import PushError
 
@@ -48,10 +49,6 @@ class GPOScriptArguments(ScriptArguments):
             "the starting model itself (with LoRA: the base with the adapter disabled)."
         },
     )
-
-
-class ConfigError(ValueError):
-    """A recipe or command-line problem, reported before any model or dataset is loaded."""
 
 
 def read_yaml_file(path: Path, what: str):

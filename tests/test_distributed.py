@@ -2,6 +2,7 @@
 Nothing is simulated. (FSDP2 and DeepSpeed need GPUs: with `use_cpu` accelerate falls back to DDP, measured.)"""
 
 import json
+import os
 
 import pytest
 import torch
@@ -24,14 +25,23 @@ def train(tmp_path, out, *extra):
     return result.stdout, [e for e in history if "loss" in e], load_file(tmp_path / out / "adapter_model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference of both layouts: one padded process, batch 8. Returns its folder (demo assets included) and
+    its (stdout, logged steps, adapter weights)."""
+    root = tmp_path_factory.mktemp("one_process")
+    return root, train(root, "one", "--per_device_train_batch_size", "8")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [[], ["--padding_free", "true", "--prefix_sharing", "true"]],
                          ids=["padded", "packed+prefix_shared"])
-def test_two_processes_with_batch_b_match_one_process_with_batch_2b(layout, tmp_path):
+def test_two_processes_with_batch_b_match_one_process_with_batch_2b(layout, one_process, tmp_path):
     """Per step, DDP averages the two ranks' gradients of their mean losses over b pairs: the gradient of the mean
     over the same 2b pairs. Step 1 and 2 losses, gathered metrics and the adapter weights after 2 SGD steps agree.
     The 2-process run also takes its batches packed and prefix-shared: the single padded process is the reference."""
-    out_one, logs_one, weights_one = train(tmp_path, "one", "--per_device_train_batch_size", "8")
+    root, (out_one, logs_one, weights_one) = one_process
+    os.symlink(root / "assets", tmp_path / "assets")  # the same demo model and data
     out_two, logs_two, weights_two = train(tmp_path, "two", "--per_device_train_batch_size", "4",
                                            "--accelerate_config", "cpu_ddp", *layout)
     assert "world size 1" in out_one and "world size 2 (MULTI_CPU)" in out_two
