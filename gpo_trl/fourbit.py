@@ -5,29 +5,40 @@ bitsandbytes 0.50 tries, when it is imported on a CPU with AVX512-BF16, to fetch
 runtime. Without that package (or offline) it logs "Failed to load CPU gemm_4bit_forward ..." and uses its own CPU
 kernels, which work. peft imports bitsandbytes, so the line appeared on every `gpo-trl` command, `--help` included,
 and read like a broken install. `hold_back_import_warning` keeps that record (for `describe_4bit_kernel`) instead of
-printing it; it must run before bitsandbytes is imported (gpo_trl/__init__.py calls it first).
+printing it; it must run before bitsandbytes is imported (gpo_trl/__init__.py calls it first). transformers 5.25
+requires `kernels`, so the attempt now always runs: offline, `kernels` first logs "Skipping publisher trust check for
+'kernels-community/...'" before the load fails, and that line is held back too.
 """
 
 from __future__ import annotations
 
 import logging
 
-_LOGGER = "bitsandbytes.backends.cpu.ops"
+# logger -> the start of the message it logs about the optional kernel
+_HELD_BACK = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/",
+}
 _held: list[str] = []
 
 
 class _HoldBack(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"):
+        if record.getMessage().startswith(self.prefix):
             _held.append(record.getMessage())
             return False
         return True
 
 
 def hold_back_import_warning():
-    logger = logging.getLogger(_LOGGER)
-    if not any(isinstance(f, _HoldBack) for f in logger.filters):
-        logger.addFilter(_HoldBack())
+    for name, prefix in _HELD_BACK.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HoldBack) for f in logger.filters):
+            logger.addFilter(_HoldBack(prefix))
 
 
 def describe_4bit_kernel(device_type: str) -> str:
@@ -39,7 +50,8 @@ def describe_4bit_kernel(device_type: str) -> str:
     if getattr(ops, "gemm_4bit_forward_kernel", None) is not None:
         return ("4-bit layers: bitsandbytes CPU kernels, with the fused Hub kernel "
                 "kernels-community/quantization-bitsandbytes.")
-    reason = f" (not loaded: {_held[-1].split(': ', 1)[-1].split('. Please')[0]})" if _held else ""
+    failures = [message for message in _held if message.startswith("Failed to load")]
+    reason = f" (not loaded: {failures[-1].split(': ', 1)[-1].split('. Please')[0]})" if failures else ""
     return ("4-bit layers: bitsandbytes' built-in CPU kernels (dequantize + matmul). The optional fused kernel "
             f"kernels-community/quantization-bitsandbytes is not used{reason}; it needs `pip install kernels` and "
             "network access to the Hub at run time.")

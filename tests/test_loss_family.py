@@ -190,6 +190,12 @@ TRL_PARITY = {
 }
 
 
+# DiscoPOP's f evaluates TRL's formula in another order: the losses differ by 8e-8 relative and, after two updates,
+# the weights by ~2e-7 relative. The implicit rewards are beta x (a difference of two log-prob sums), so that moves
+# them by a few 1e-6 absolute (measured on transformers 5.25: rewards/chosen 2.9e-6 at step 3; within 1e-6 on 5.23).
+ABS_TOL = {("discopop", "rewards/chosen"): 1e-5, ("discopop", "rewards/rejected"): 1e-5}
+
+
 @pytest.mark.parametrize("name", list(TRL_PARITY))
 def test_parity_with_trl_margin_losses(name, tiny_models, zen_dataset, tmp_path):
     """Full fine-tune, 3 steps: the same losses and TRL metrics as TRL's loss_type of the same name."""
@@ -202,7 +208,7 @@ def test_parity_with_trl_margin_losses(name, tiny_models, zen_dataset, tmp_path)
     assert len(gpo_logs) == 3 and gpo_logs[-1]["rewards/margins"] != 0.0
     for step, (g, t) in enumerate(zip(gpo_logs, trl_logs), start=1):
         for key, value in t.items():
-            assert g[key] == pytest.approx(value, rel=1e-6, abs=1e-6), f"step {step}: {key}"
+            assert g[key] == pytest.approx(value, rel=1e-6, abs=ABS_TOL.get((name, key), 1e-6)), f"step {step}: {key}"
 
 
 # --- TRL knobs ---------------------------------------------------------------------------------------------------
