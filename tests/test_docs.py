@@ -279,3 +279,22 @@ def test_cli_reference_lists_every_command():
     documented = {argv[0] for argv, _ in docs_cli_reference.COMMANDS if argv[0] != "--help"}
     assert documented == set(offered.group(1).split(",")), (documented, offered.group(1))
     assert docs_cli_reference.MARKER in (REPO / "docs" / "cli.md").read_text()
+
+
+# --- The landing page -------------------------------------------------------------------------------------------
+
+
+def test_readme_is_a_landing_page_whose_links_resolve():
+    """mkdocs checks the site's links; README.md is outside the site, so its relative links are checked here."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.split("\n")) <= 300
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if not re.match(r"^[a-z]+://", link)]
+    assert len(local) >= 10 and not [link for link in local if not (REPO / link).exists()], local
+
+
+def test_demo_output_is_shown_the_same_everywhere():
+    """The demo's summary appears in README.md and docs/getting-started.md; both copies must agree (the numbers
+    are the ones the demo printed; tests/test_cli.py runs the demo)."""
+    shown = [b.text for b in BLOCKS if b.language == "" and b.text.startswith("Data check:\n  runs/demo/")]
+    assert len(shown) == 2 and shown[0] == shown[1], shown
