@@ -81,17 +81,18 @@ def test_finite_gradients_at_a_huge_scale_train_exactly_as_at_scale_1(tiny_model
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-@pytest.mark.parametrize("init_scale, autocast, accumulation, beta", [
-    (2.0**126, False, 1, 1.0),  # float32 compute: gradients of a few units overflow at 2**126
-    (2.0**24, True, 2, 0.1),  # fp16 autocast: the fp16 backward overflows at 65504; accumulation
+@pytest.mark.parametrize("init_scale, autocast, accumulation, beta, optim", [
+    (2.0**126, False, 1, 1.0, "adamw_torch"),  # float32 compute: gradients of a few units overflow at 2**126
+    (2.0**24, True, 2, 0.1, "adamw_torch_fused"),  # fp16 autocast: its backward overflows at 65504; accumulation
 ], ids=["fp32-2^126", "fp16-autocast-2^24-accumulated"])
-def test_an_overflow_is_skipped_and_the_scale_halved(policy, init_scale, autocast, accumulation, beta, tiny_models,
-                                                     zen_rows, tmp_path):
+def test_an_overflow_is_skipped_and_the_scale_halved(policy, init_scale, autocast, accumulation, beta, optim,
+                                                     tiny_models, zen_rows, tmp_path):
     """Under `stop` and `skip` alike: GradScaler skips the overflowing steps (weights, AdamW state and LR schedule
-    bit-identical), halves the scale once per skipped step, and training then goes on with the loss falling."""
+    bit-identical), halves the scale once per skipped step, and training then goes on with the loss falling. AdamW
+    unfused (GradScaler does not call its step) and fused (transformers' default: called, it skips in its kernel)."""
     start, snapshots = InitialWeights(), Snapshots()
     trainer = fp16_trainer(tiny_models, zen_rows, tmp_path, on_nonfinite=policy, beta=beta, accumulation=accumulation,
-                           callbacks=[start, snapshots], max_steps=8)
+                           callbacks=[start, snapshots], max_steps=8, optim=optim)
     scaler = wire_grad_scaler(trainer, init_scale, autocast=autocast)
     trainer.train()
     logs = logged_steps(trainer)
