@@ -321,8 +321,8 @@ class GPOTrainer(DPOTrainer):
         if not self._window_poisoned and not self._gradients_finite():
             scaler = self.accelerator.scaler
             if not loss_scale_explains(scaler):
-                at_scale = f" (at fp16 loss scale {scaler.get_scale():g}: no overflow of the scaling)" if scaler else ""
-                self._nonfinite(f"gradients{at_scale}")
+                scale = f" (at fp16 loss scale {scaler.get_scale():g}, so not a loss-scale overflow)" if scaler else ""
+                self._nonfinite(f"gradients{scale}")
         if self._window_poisoned:
             self._window_poisoned = False
             self._drop_window()

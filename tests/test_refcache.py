@@ -115,8 +115,8 @@ def test_ranks_with_separate_cache_dirs_take_one_decision(tiny_models, tmp_path)
 
 def token_rows(n=40):
     """Distinct tokenised pairs: row i holds ids derived from i, with lengths that vary."""
-    return [{"prompt_ids": list(range(i, i + 1 + i % 3)), "chosen_ids": [i, 2 * i], "rejected_ids": [i + 1000] * (1 + i % 2),
-             "other": f"row {i}"} for i in range(n)]
+    return [{"prompt_ids": list(range(i, i + 1 + i % 3)), "chosen_ids": [i, 2 * i],
+             "rejected_ids": [i + 1000] * (1 + i % 2), "other": f"row {i}"} for i in range(n)]
 
 
 def key(dataset):
@@ -150,8 +150,8 @@ def test_equal_rows_reached_two_ways_share_the_key():
     fresh = Dataset.from_list(rows[10:20])
     assert key(table.select(range(10, 20))) == key(fresh) == key(table.shard(4, 1, contiguous=True))
     shuffled = table.shuffle(seed=0)  # an index mapping, resolved batch by batch
-    assert key(shuffled) == key(shuffled.flatten_indices()) == key(Dataset.from_list([rows[i] for i in
-                                                                                      shuffled._indices.column(0).to_pylist()]))
+    order = shuffled._indices.column(0).to_pylist()
+    assert key(shuffled) == key(shuffled.flatten_indices()) == key(Dataset.from_list([rows[i] for i in order]))
     halves = concatenate_datasets([Dataset.from_list(rows[:13]), Dataset.from_list(rows[13:])])  # two chunks
     assert key(halves) == key(table) == key(table.remove_columns("other"))  # only the token columns count
     assert token_digest(table, batch_rows=3) == token_digest(table)
