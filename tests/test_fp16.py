@@ -212,3 +212,20 @@ def test_a_skipped_steps_logged_loss_is_what_transformers_logs_for_a_nan_loss(ac
         [EXACT["losses"][0:2], EXACT["losses"][3:5]]
     for log, losses in zip((logs[0], logs[2]), per_step):
         assert log["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU, where accelerate builds the GradScaler")
+def test_fp16_on_a_gpu_with_accelerates_own_scaler(tiny_models, zen_rows, tmp_path):
+    """Not run here (no GPU): accelerate's own fp16 path on CUDA. Its scaler, started at 2**24 (GradScaler's default
+    2**16 need not overflow on a tiny model), overflows the float16 backward: the first steps are skipped with the
+    scale halved, then training goes on, under the default `stop`."""
+    trainer = fp16_trainer(tiny_models, zen_rows, tmp_path, use_cpu=False, max_steps=10)
+    assert trainer.accelerator.native_amp and trainer.accelerator.scaler is not None  # built by accelerate
+    trainer.accelerator.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**24)
+    trainer.train()
+    assert trainer.optimizer.scaler is trainer.accelerator.scaler
+    logs = logged_steps(trainer)
+    overflows = int(logs[-1]["gpo/loss_scale_overflows"])
+    assert 1 <= overflows < 10 and trainer.accelerator.scaler.get_scale() == 2.0**24 / 2**overflows
+    assert logs[-1]["loss"] < logs[overflows]["loss"]
