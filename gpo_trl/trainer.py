@@ -29,7 +29,8 @@ from trl.trainer.utils import use_adapter
 
 from . import auxiliary, packing, refcache
 from .config import GPOConfig
-from .guards import NonFiniteError, PreemptionCallback, all_finite, nonfinite_message
+from .guards import (LossScaleCallback, NonFiniteError, PreemptionCallback, all_finite, loss_scale_explains,
+                     nonfinite_message)
 
 _AUX_COLUMNS = ("aux_reward_chosen", "aux_reward_rejected")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_AUX_COLUMNS}
@@ -68,6 +69,7 @@ class GPOTrainer(DPOTrainer):
     # Per-run flags, set on the instance when they change (the reference precompute runs inside DPOTrainer.__init__)
     _window_poisoned = False  # a micro-batch of this accumulation window had a non-finite loss (on_nonfinite: skip)
     _reported_skip = False  # the optimizer reports its last step as skipped (see _drop_window)
+    _loss_was_nonfinite = False  # this micro-batch's loss was not finite (on_nonfinite: skip): report it as such
     _warned_cache_not_shared = False
     _warned_gradient_check_off = False
 
@@ -117,6 +119,7 @@ class GPOTrainer(DPOTrainer):
             self.data_collator = auxiliary.RewardCollator(self.data_collator, _AUX_COLUMNS)
         self.preemption = PreemptionCallback(self.accelerator)
         self.add_callback(self.preemption)
+        self.add_callback(LossScaleCallback(self.accelerator, self._metrics["train"]))
         self._skipped_batches = 0
         self.gpo_loss = args.build_loss()
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
@@ -303,12 +306,23 @@ class GPOTrainer(DPOTrainer):
 
     def training_step(self, *args, **kwargs):
         """TRL's step; at the last micro-step of an accumulation window, check that no NaN/inf gradient is about to
-        reach the optimizer, and drop the whole window when it, or any of its micro-batches' losses, was not finite."""
+        reach the optimizer, and drop the whole window when it, or any of its micro-batches' losses, was not finite.
+
+        Under fp16 loss scaling the gradients checked are the scaled ones (the Trainer unscales them once, when it
+        clips): an overflow the scale can explain is left to GradScaler, which skips the step and lowers the scale
+        (see `guards.loss_scale_explains`). A skipped micro-batch returns its loss as non-finite, so transformers'
+        `logging_nan_inf_filter` treats it as it treats any NaN loss (by default: replaced in the logged mean)."""
         loss = super().training_step(*args, **kwargs)
+        if self._loss_was_nonfinite:  # the zero loss it backpropagated is not its loss
+            self._loss_was_nonfinite = False
+            loss = torch.full_like(loss, float("nan"))
         if not self.accelerator.sync_gradients:  # mid-accumulation: a NaN stays in the sum until the last micro-step
             return loss
         if not self._window_poisoned and not self._gradients_finite():
-            self._nonfinite("gradients")
+            scaler = self.accelerator.scaler
+            if not loss_scale_explains(scaler):
+                scale = f" (at fp16 loss scale {scaler.get_scale():g}, so not a loss-scale overflow)" if scaler else ""
+                self._nonfinite(f"gradients{scale}")
         if self._window_poisoned:
             self._window_poisoned = False
             self._drop_window()
@@ -326,8 +340,10 @@ class GPOTrainer(DPOTrainer):
                 "goes through that step (weight decay and the optimizer's moments move)")
             return True
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # One norm per tensor (no tensor-sized temporaries): a norm is finite iff every element is
-        finite = all_finite(self.accelerator, [torch.stack(torch._foreach_norm(grads))] if grads else [])
+        # One max-norm per tensor (no tensor-sized temporaries): finite iff every element is (NaN propagates). Not the
+        # 2-norm: its squares overflow for finite gradients scaled by an fp16 loss scale
+        norms = torch._foreach_norm(grads, float("inf")) if grads else []
+        finite = all_finite(self.accelerator, [torch.stack(norms)] if grads else [])
         if not grads and any(p.requires_grad for p in self.model.parameters()):
             self._warn_gradient_check_off("no trainable parameter holds a .grad after backward (the gradients are "
                                           "kept elsewhere, as DeepSpeed ZeRO keeps them)")
@@ -347,6 +363,7 @@ class GPOTrainer(DPOTrainer):
         if self.args.on_nonfinite == "stop":
             raise NonFiniteError(nonfinite_message(what, self.state.global_step + 1, self.args.output_dir))
         self._window_poisoned = True
+        self._loss_was_nonfinite = what == "loss"
         return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
 
     def _drop_window(self):
@@ -359,10 +376,15 @@ class GPOTrainer(DPOTrainer):
         self._metrics["train"]["gpo/skipped_batches"] = [self._skipped_batches]
         self.model.zero_grad(set_to_none=True)  # the window's earlier micro-batches go too; clipping sees no grads
         optimizer = self.optimizer  # accelerate's AcceleratedOptimizer
+        scaler = self.accelerator.scaler
 
         def skipped_step(closure=None):
             del optimizer.step  # back to the class's step for the next window
             optimizer._is_overflow = True  # read by step_was_skipped
+            if scaler is not None and scaler.is_enabled():
+                # Clipping has unscaled this window (scaler.unscale_), which only update() closes; the scale stays:
+                # a dropped window is not an overflow the scaler should answer by lowering it
+                scaler.update(scaler.get_scale())
 
         optimizer.step = skipped_step
         self._reported_skip = True

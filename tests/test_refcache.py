@@ -108,3 +108,59 @@ def test_ranks_with_separate_cache_dirs_take_one_decision(tiny_models, tmp_path)
     assert all(run["ref_chosen_logps"] == first for r in ranks for run in r["runs"])
     assert list((tmp_path / "cache-rank1").glob("*.arrow")) == []
     assert "is not shared" in err and "rank 1" in err
+
+
+# --- The key hashes the rows the dataset holds -------------------------------------------------------------------
+
+
+def token_rows(n=40):
+    """Distinct tokenised pairs: row i holds ids derived from i, with lengths that vary."""
+    return [{"prompt_ids": list(range(i, i + 1 + i % 3)), "chosen_ids": [i, 2 * i],
+             "rejected_ids": [i + 1000] * (1 + i % 2), "other": f"row {i}"} for i in range(n)]
+
+
+def key(dataset):
+    from gpo_trl.refcache import cache_key
+
+    args = GPOConfig(output_dir="unused", use_cpu=True, bf16=False)
+    return cache_key(dataset, "model-hash", args)
+
+
+def test_the_key_tells_apart_zero_copy_slices_of_one_table():
+    """select(range) and shard / train_test_split without shuffling are zero-copy slices: they share their parent's
+    Arrow buffers, which the key once hashed, so every such slice of a table got the same key."""
+    from datasets import Dataset
+
+    table = Dataset.from_list(token_rows())
+    views = {"first ten": table.select(range(0, 10)), "next ten": table.select(range(10, 20)),
+             "shard 0": table.shard(3, 0, contiguous=True), "shard 1": table.shard(3, 1, contiguous=True),
+             "last ten": table.train_test_split(test_size=10, shuffle=False)["test"],
+             "shuffled": table.shuffle(seed=0).select(range(10)), "whole": table}
+    keys = {name: key(view) for name, view in views.items()}
+    assert len(set(keys.values())) == len(keys), keys
+
+
+def test_equal_rows_reached_two_ways_share_the_key():
+    from datasets import Dataset, concatenate_datasets
+
+    from gpo_trl.refcache import token_digest
+
+    rows = token_rows()
+    table = Dataset.from_list(rows)
+    fresh = Dataset.from_list(rows[10:20])
+    assert key(table.select(range(10, 20))) == key(fresh) == key(table.shard(4, 1, contiguous=True))
+    shuffled = table.shuffle(seed=0)  # an index mapping, resolved batch by batch
+    order = shuffled._indices.column(0).to_pylist()
+    assert key(shuffled) == key(shuffled.flatten_indices()) == key(Dataset.from_list([rows[i] for i in order]))
+    halves = concatenate_datasets([Dataset.from_list(rows[:13]), Dataset.from_list(rows[13:])])  # two chunks
+    assert key(halves) == key(table) == key(table.remove_columns("other"))  # only the token columns count
+    assert token_digest(table, batch_rows=3) == token_digest(table)
+
+
+def test_where_the_row_boundaries_fall_changes_the_key():
+    from datasets import Dataset
+
+    one = {"chosen_ids": [1], "rejected_ids": [2]}
+    split_a = Dataset.from_list([{"prompt_ids": [1, 2], **one}, {"prompt_ids": [3], **one}])
+    split_b = Dataset.from_list([{"prompt_ids": [1], **one}, {"prompt_ids": [2, 3], **one}])
+    assert key(split_a) != key(split_b)
