@@ -131,6 +131,11 @@ def check_options(args):
         raise ValueError("`use_weighting: true` (WPO) cannot be combined with `loss_type` aot / aot_unpaired: those "
                          "sort the batch's margins, so a per-pair weight no longer belongs to its pair (DPOTrainer "
                          "refuses it too). Drop one of them.")
+    if args.use_weighting and "sft" in entries:
+        raise ValueError("`use_weighting: true` (WPO) cannot be combined with `loss_type` sft: WPO weights each pair, "
+                         "and sft is one batch-level NLL (DPOTrainer 1.16 fails on it at the first step, multiplying "
+                         "the expanded NLL in place). Drop sft from loss_type and use `sft_coef` (GPO's SFT term, "
+                         "the same NLL, unweighted).")
     if "exo_pair" in entries and args.label_smoothing == 0.0:
         raise ValueError("`loss_type` exo_pair needs `label_smoothing` > 0 (the EXO paper uses 1e-3; DPOTrainer "
                          "refuses 0 too).")
