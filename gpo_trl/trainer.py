@@ -12,6 +12,7 @@ TRL's names, plus `gpo/*` diagnostics (see `_log_gpo_diagnostics`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -300,6 +301,8 @@ class GPOTrainer(DPOTrainer):
             pair_weights = trl_compat.wpo_weights(per_token_logps, log_sum_sq_probs, token_mask)
         loss = None
         for index, term in enumerate(self.loss_plan.margin_terms):
+            if term.entry == "sigmoid":  # the GPO slot: f and beta are the trainer's (`gpo_loss`, effective beta)
+                term = dataclasses.replace(term, loss=self.gpo_loss, beta=self.beta)
             rho = self._margin(chosen_scores, rejected_scores, inputs["completion_mask"], term.length_normalize)
             scaled_margin = term.beta * rho - term.margin  # t = beta * rho - gamma
             per_pair = term.loss(scaled_margin)
