@@ -60,16 +60,23 @@ NOT_BIT_IDENTICAL = {"loss_type=ipo", "loss_type=discopop", "loss_type=robust", 
 
 
 def train(trainer_cls, config_cls, model_path, dataset, output_dir, peft=False, **kwargs):
-    args = config_cls(output_dir=str(output_dir), **cpu_args(max_steps=3, **kwargs))
-    trainer = trainer_cls(model=str(model_path), args=args, train_dataset=dataset,
+    """3 steps, then an evaluation (on the training rows: the parity, not generalisation, is tested)."""
+    args = config_cls(output_dir=str(output_dir), **cpu_args(max_steps=3, eval_strategy="steps", eval_steps=3,
+                                                             per_device_eval_batch_size=8, **kwargs))
+    trainer = trainer_cls(model=str(model_path), args=args, train_dataset=dataset, eval_dataset=dataset,
                           peft_config=lora_config() if peft else None)
     trainer.train()
     return trainer
 
 
+def evaluation(trainer) -> dict:
+    [entry] = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    return {key: value for key, value in entry.items() if not key.endswith(("_runtime", "_per_second"))}
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_gpo_trainer_equals_dpo_trainer(name, tiny_models, zen_dataset, tmp_path, caplog):
-    """Every TRL metric equal at each of 3 steps; the f(beta rho) members also log GPO's diagnostics and say which
+    """Every TRL metric equal at each of 3 steps and in the evaluation after them; the f(beta rho) members also log GPO's diagnostics and say which
     GPO loss they became."""
     shared, gpo_only = CASES[name]
     trl = train(DPOTrainer, DPOConfig, tiny_models["llama"], zen_dataset, tmp_path / "trl", **shared)
@@ -79,7 +86,9 @@ def test_gpo_trainer_equals_dpo_trainer(name, tiny_models, zen_dataset, tmp_path
     trl_logs, gpo_logs = logged_steps(trl), logged_steps(gpo)
     assert len(trl_logs) == len(gpo_logs) == 3
     assert gpo_logs[0]["loss"] != gpo_logs[-1]["loss"]  # the run moved: parity is not trivial
-    for step, (expected, got) in enumerate(zip(trl_logs, gpo_logs), start=1):
+    trl_logs.append(evaluation(trl))
+    gpo_logs.append(evaluation(gpo))
+    for step, (expected, got) in enumerate(zip(trl_logs, gpo_logs), start=1):  # step 4: the evaluation
         for key, value in expected.items():
             if name in NOT_BIT_IDENTICAL:
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), f"step {step}: {key}"
@@ -90,8 +99,8 @@ def test_gpo_trainer_equals_dpo_trainer(name, tiny_models, zen_dataset, tmp_path
     margin_terms = [entry for entry in entries if entry in BECOMES]
     assert [term.loss.name for term in gpo.loss_plan.margin_terms] == [BECOMES[entry] for entry in margin_terms]
     assert [entry for entry, _ in gpo.loss_plan.trl_terms] == [entry for entry in entries if entry not in BECOMES]
-    assert "gpo/margin" in gpo_logs[0] and "gpo/offline_reg" in gpo_logs[0]
-    assert ("gpo/push" in gpo_logs[0]) == bool(margin_terms)
+    assert "gpo/margin" in gpo_logs[0] and "gpo/offline_reg" in gpo_logs[0] and "eval_gpo/margin" in gpo_logs[-1]
+    assert ("gpo/push" in gpo_logs[0]) == ("eval_gpo/push" in gpo_logs[-1]) == bool(margin_terms)
     if entries != ["sigmoid"]:  # the run says what each entry became
         said = " ".join(record.getMessage() for record in caplog.records)
         for entry in margin_terms:
@@ -100,7 +109,7 @@ def test_gpo_trainer_equals_dpo_trainer(name, tiny_models, zen_dataset, tmp_path
         term = gpo.loss_plan.margin_terms[0]
         assert gpo_logs[0]["gpo/beta_effective"] == pytest.approx(term.beta)
         if not term.length_normalize and shared.get("f_divergence_type", "reverse_kl") == "reverse_kl":
-            for entry in gpo_logs:
+            for entry in gpo_logs[:-1]:
                 assert entry["gpo/margin"] == pytest.approx(entry["rewards/margins"] / 0.1, rel=1e-4, abs=1e-6)
 
 
@@ -211,6 +220,27 @@ def test_gpo_f_next_to_trl_terms(tiny_models, zen_dataset, moved_reference, tmp_
     sft = -token.chunk(2)[0].sum() / mask.chunk(2)[0].sum()
     assert got == pytest.approx((0.8 * exponential + 0.2 * bco + sft).item(), rel=1e-5)
     assert "gpo/push" in trainer._metrics["eval"]
+    from gpo_trl.hub import model_card_section
+
+    card = model_card_section(trainer, None)
+    assert ("loss_type 'sigmoid' -> gpo_loss 'exponential': f(t) = exp(-t), t = 0.5 * rho, weight 0.8; "
+            "loss_type 'bco_pair' -> DPOTrainer's own term, weight 0.2; loss_type 'sft' -> DPOTrainer's own term") in card
+
+
+def test_trl_terms_reference_free(tiny_models, zen_dataset, tmp_path):
+    """`gpo_reference: none` gives TRL's terms reference log-probs of 0: sppo_hard on log pi itself."""
+    beta = 0.5
+    args = GPOConfig(output_dir=str(tmp_path), gpo_reference="none", beta=beta, loss_type="sppo_hard", **cpu_args())
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), args=args, train_dataset=zen_dataset)
+    assert trainer.ref_model is None
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch).item()
+    token, _, _ = plain_forward(trainer.model, batch)
+    chosen, rejected = token.sum(1).chunk(2)
+    expected = ((chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2).mean().item()
+    assert got == pytest.approx(expected, rel=1e-5)
 
 
 # --- The one intended difference ------------------------------------------------------------------------------------
