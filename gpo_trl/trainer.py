@@ -251,7 +251,7 @@ class GPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        fields = ("log_probs", "entropy", "mean_logits", "is_top1", *(("log_sum_sq_probs",) if self.use_weighting else ()))
+        fields = ("log_probs", "entropy", "mean_logits", "is_top1", *(("log_sum_sq_probs",) * self.use_weighting))
         outputs = self._forward(model, inputs, fields=fields,
                                 **({"output_router_logits": True} if self.aux_loss_enabled else {}))
 
@@ -324,9 +324,10 @@ class GPOTrainer(DPOTrainer):
         no forward; it applies `ld_alpha` and WPO to its terms itself. Its metrics, which GPO logs itself, go to a
         scratch store, and the state it reads is set for the call only."""
         mask = inputs["completion_mask"]
-        zeros = torch.zeros(mask.size(0) // 2, device=mask.device)  # gpo_reference: none -> reference log-probs 0
+        if not torch.is_tensor(ref_chosen_logps):  # gpo_reference: none -> reference log-probs 0
+            ref_chosen_logps = ref_rejected_logps = outputs.log_probs.new_zeros(mask.size(0) // 2)
         replay = {"input_ids": mask, "attention_mask": mask, "completion_mask": mask,
-                  "ref_chosen_logps": ref_chosen_logps + zeros, "ref_rejected_logps": ref_rejected_logps + zeros}
+                  "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
         entries, weights = zip(*self.loss_plan.trl_terms, strict=True)
         view = {"loss_types": list(entries), "loss_weights": list(weights), "precompute_ref_logps": True,
                 "aux_loss_enabled": False, "beta": float(self.args.beta),

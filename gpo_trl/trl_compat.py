@@ -218,7 +218,8 @@ def divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> torch
     return (torch.exp(torch.clamp(exponent.float(), max=cap)) - 1.0).to(exponent.dtype) * (1.0 / (alpha - 1.0))
 
 
-def wpo_weights(per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+def wpo_weights(per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor,
+                token_mask: torch.Tensor) -> torch.Tensor:
     """(B,) WPO pair weights (Zhou et al. 2024, Eq. 2), no gradient: for each completion exp of the mean over its
     tokens of log p(y_t) - log sum_v p(v)^2, and the pair's weight is the product of its two completions'."""
     with torch.no_grad():

@@ -76,8 +76,8 @@ def evaluation(trainer) -> dict:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_gpo_trainer_equals_dpo_trainer(name, tiny_models, zen_dataset, tmp_path, caplog):
-    """Every TRL metric equal at each of 3 steps and in the evaluation after them; the f(beta rho) members also log GPO's diagnostics and say which
-    GPO loss they became."""
+    """Every TRL metric equal at each of 3 steps and in the evaluation after them; the f(beta rho) members also log
+    GPO's diagnostics and say which GPO loss they became."""
     shared, gpo_only = CASES[name]
     trl = train(DPOTrainer, DPOConfig, tiny_models["llama"], zen_dataset, tmp_path / "trl", **shared)
     with caplog.at_level(logging.WARNING, logger="gpo_trl.trainer"):
@@ -223,8 +223,8 @@ def test_gpo_f_next_to_trl_terms(tiny_models, zen_dataset, moved_reference, tmp_
     from gpo_trl.hub import model_card_section
 
     card = model_card_section(trainer, None)
-    assert ("loss_type 'sigmoid' -> gpo_loss 'exponential': f(t) = exp(-t), t = 0.5 * rho, weight 0.8; "
-            "loss_type 'bco_pair' -> DPOTrainer's own term, weight 0.2; loss_type 'sft' -> DPOTrainer's own term") in card
+    assert ("loss_type 'sigmoid' -> gpo_loss 'exponential': f(t) = exp(-t), t = 0.5 * rho, weight 0.8; loss_type "
+            "'bco_pair' -> DPOTrainer's own term, weight 0.2; loss_type 'sft' -> DPOTrainer's own term") in card
 
 
 def test_trl_terms_reference_free(tiny_models, zen_dataset, tmp_path):
