@@ -12,20 +12,8 @@ from .auxiliary import WeightedReward, probe, resolve_reward
 from .guards import NONFINITE_POLICIES
 from .losses import GPOLoss, available_losses, get_loss
 from .packing import PACKING_STRATEGIES
+from .trl_compat import LossPlan, build_plan, check_options, slot_kwargs
 
-# DPOConfig knobs that only act inside TRL's own loss branches. GPOTrainer replaces those branches, so a non-default
-# value would be silently ignored: refuse it instead, and say what to use.
-_TRL_LOSS_ONLY_KNOBS = {
-    "loss_weights": (None, "GPO trains one loss f; combine losses in your own f and name it in `gpo_loss`"),
-    "ld_alpha": (None, "LD-DPO down-weights the log-probs of the tokens past the shorter completion's length; GPO "
-                 "sums every token, or averages them with `gpo_length_normalize: true`, which is a different margin"),
-    "f_divergence_type": ("reverse_kl", "GPO uses the reverse-KL log-ratio margin"),
-    "use_weighting": (False, "WPO weighting is not part of GPO"),
-    "f_alpha_divergence_coef": (0.5, "it is read only with f_divergence_type: alpha_divergence, which GPO refuses"),
-    "discopop_tau": (0.05, "set it on the loss: `gpo_loss: discopop` with `gpo_loss_kwargs: {tau: ...}`"),
-    "label_smoothing": (0.0, "set it on the loss: `gpo_loss: robust` or `exo_pair` with `gpo_loss_kwargs: "
-                        "{label_smoothing: e}`"),
-}
 REFERENCES = ("model", "none")
 
 
@@ -40,7 +28,10 @@ class GPOConfig(DPOConfig):
     Configuration class for [`GPOTrainer`]: every [`trl.DPOConfig`] parameter, plus the GPO loss.
 
     GPO (Tang et al. 2024) minimises E[f(beta * rho)], with rho the chosen-minus-rejected log-ratio margin.
-    TRL's `loss_type` is replaced by `gpo_loss`; `beta` keeps its DPO meaning.
+    `beta` keeps its DPO meaning. Every DPOConfig loss option works as in DPOTrainer: the loss is the weighted sum
+    over `loss_type` (`loss_weights`), whose `sigmoid` entry (the default) is f = `gpo_loss`; the `gpo_*` keys
+    shape that term. `use_weighting`, `ld_alpha` and `f_divergence_type` apply to every term. See
+    `gpo_trl.trl_compat`.
 
     Parameters:
         > Parameters that control the GPO loss
@@ -175,16 +166,17 @@ class GPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check_trl_loss_knobs()
         if not isinstance(self.beta, (int, float)) or not self.beta > 0 or self.beta == float("inf"):
             raise ValueError(f"`beta` must be a number > 0, got {self.beta!r}.")
         if isinstance(self.gpo_loss_kwargs, str):
             self.gpo_loss_kwargs = _parse_json("gpo_loss_kwargs", self.gpo_loss_kwargs, dict)
         if self.gpo_loss_kwargs is not None and not isinstance(self.gpo_loss_kwargs, dict):
             raise ValueError(f"`gpo_loss_kwargs` must be a mapping, got {type(self.gpo_loss_kwargs).__name__}.")
+        check_options(self)  # TRL's loss options (gpo_trl.trl_compat): what DPOTrainer refuses, and contradictions
         loss = self.build_loss()  # validates the function now, before any model is loaded
         if self.beta_calibration is not None:
             self._check_calibration(loss)
+        self.loss_plan()  # validates the loss of every loss_type entry
         self._check_reference_and_sft()
         self._check_auxiliary()
         self._check_batch_layout()
@@ -192,8 +184,14 @@ class GPOConfig(DPOConfig):
             raise ValueError(f"`on_nonfinite` must be one of {list(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}.")
 
     def build_loss(self) -> GPOLoss:
-        """The validated loss object for `gpo_loss` with `gpo_loss_kwargs` bound."""
-        return get_loss(self.gpo_loss, **(self.gpo_loss_kwargs or {}))
+        """The validated loss object for `gpo_loss` with `gpo_loss_kwargs` bound (and DPOConfig's `label_smoothing`
+        or `discopop_tau` when `gpo_loss` is robust, exo_pair or discopop and they are set)."""
+        return get_loss(self.gpo_loss, **slot_kwargs(self))
+
+    def loss_plan(self) -> LossPlan:
+        """The loss as terms: each `loss_type` entry with its `loss_weights` weight, the `sigmoid` entry being
+        f = `gpo_loss` at `effective_beta` (see gpo_trl.trl_compat)."""
+        return build_plan(self, self.build_loss(), self.effective_beta)
 
     @property
     def effective_beta(self) -> float:
@@ -242,17 +240,6 @@ class GPOConfig(DPOConfig):
         if self.prefix_sharing and self.truncation_mode != "keep_start" and self.max_length is not None:
             raise ValueError("`prefix_sharing` needs truncation_mode='keep_start' (TRL's default): 'keep_end' cuts the "
                              "prompt of the chosen and the rejected sequence differently, so they no longer share it.")
-
-    def _check_trl_loss_knobs(self):
-        if self.loss_type != ["sigmoid"]:
-            raise ValueError(
-                f"`loss_type={self.loss_type}` is TRL's loss selector; GPOTrainer replaces it. Remove `loss_type` and "
-                f"set `gpo_loss` instead (sigmoid -> logistic, hinge -> hinge, ipo -> squared with "
-                f"gpo_length_normalize=true and beta = 2 * tau). Available: {', '.join(available_losses())}."
-            )
-        for name, (default, reason) in _TRL_LOSS_ONLY_KNOBS.items():
-            if getattr(self, name) != default:
-                raise ValueError(f"`{name}={getattr(self, name)!r}` has no effect in GPOTrainer ({reason}). Remove it.")
 
     def _check_calibration(self, loss: GPOLoss):
         if self.beta_calibration not in available_losses():

@@ -29,6 +29,8 @@ def model_card_section(trainer, datasets: list[str] | None) -> str:
              f"- Datasets: {', '.join(f'`{d}`' for d in datasets) if datasets else 'not recorded'}",
              f"- GPO loss: `{loss.name}`, f(t) = `{loss.formula}` (f'(0) = {loss.d1_at_0:g}, f''(0) = {loss.d2_at_0:g}, "
              f"c_f = {loss.c_f:g})" + (f", kwargs `{json.dumps(loss.kwargs)}`" if loss.kwargs else ""),
+             *([f"- TRL `loss_type` {args.loss_type}, `loss_weights` {args.loss_weights}: "
+                f"{trainer.loss_plan.describe()}"] if args.loss_type != ["sigmoid"] or args.loss_weights else []),
              f"- beta = {args.beta:g}, effective beta = {trainer.beta:g}",
              "- Reference: " + ("none (reference-free: the margin uses the policy's log-probs alone; no reference "
                                 "model was loaded and no reference pass ran)" if args.gpo_reference == "none" else

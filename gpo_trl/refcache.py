@@ -7,7 +7,8 @@ sweep, recomputes the full reference pass. The key here holds exactly what the v
 - the tokenised pairs (a hash of the prompt/chosen/rejected token ids of the rows the dataset holds, not of the
   settings that produced them; see `token_digest`);
 - the reference model's weights (TRL's `hash_module` of the reference, computed at init);
-- how the collator truncates (`max_length`, `truncation_mode`) and the precision of the pass (`bf16`, `fp16`).
+- how the collator truncates (`max_length`, `truncation_mode`) and the precision of the pass (`bf16`, `fp16`);
+- LD-DPO's `ld_alpha`, which weights the tokens past the shorter completion of each pair.
 
 A cache file whose row count does not match is treated as stale and recomputed.
 """
@@ -36,6 +37,8 @@ def cache_key(dataset: Dataset, model_hash, args) -> str:
     settings."""
     settings = (token_digest(dataset), model_hash, args.max_length, args.truncation_mode, bool(args.bf16),
                 bool(args.fp16), len(dataset))
+    if getattr(args, "ld_alpha", None) is not None:  # LD-DPO weights the reference's tail tokens
+        settings += (("ld_alpha", args.ld_alpha),)
     return hashlib.sha256(repr(settings).encode()).hexdigest()[:32]
 
 

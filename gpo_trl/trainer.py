@@ -12,10 +12,13 @@ TRL's names, plus `gpo/*` diagnostics (see `_log_gpo_diagnostics`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import logging
 import os
 import textwrap
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -27,11 +30,12 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as trl_dpo_trainer
 from trl.trainer.utils import use_adapter
 
-from . import auxiliary, packing, refcache
+from . import auxiliary, packing, refcache, trl_compat
 from .config import GPOConfig
 from .guards import (LossScaleCallback, NonFiniteError, PreemptionCallback, all_finite, loss_scale_explains,
                      nonfinite_message)
 
+logger = logging.getLogger(__name__)
 _AUX_COLUMNS = ("aux_reward_chosen", "aux_reward_rejected")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_AUX_COLUMNS}
 
@@ -63,7 +67,8 @@ class GPOTrainer(DPOTrainer):
     """Generalized Preference Optimization trainer. Same constructor as [`trl.DPOTrainer`]; `args` is a `GPOConfig`.
 
     loss = mean over pairs of f(beta_eff * rho), rho = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)],
-    with f = `args.gpo_loss`, beta_eff = `args.effective_beta`, and rho per token when `args.gpo_length_normalize`.
+    with f = `args.gpo_loss`, beta_eff = `args.effective_beta`, and rho per token when `args.gpo_length_normalize`;
+    with TRL's `loss_type` list, the weighted sum of its terms (see `gpo_trl.trl_compat`).
     """
 
     # Per-run flags, set on the instance when they change (the reference precompute runs inside DPOTrainer.__init__)
@@ -122,6 +127,10 @@ class GPOTrainer(DPOTrainer):
         self.add_callback(LossScaleCallback(self.accelerator, self._metrics["train"]))
         self._skipped_batches = 0
         self.gpo_loss = args.build_loss()
+        self.loss_plan = args.loss_plan()
+        if args.loss_type != ["sigmoid"] or args.loss_weights:
+            if self.accelerator.is_main_process:
+                logger.warning("GPO loss: %s.", self.loss_plan.describe())
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
         self.beta = args.effective_beta
         self.dataset_names: list[str] | None = None  # recorded in the model card; the recipe sets it
@@ -245,21 +254,22 @@ class GPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        outputs = self._forward(model, inputs, **({"output_router_logits": True} if self.aux_loss_enabled else {}))
+        fields = ("log_probs", "entropy", "mean_logits", "is_top1", *(("log_sum_sq_probs",) * self.use_weighting))
+        outputs = self._forward(model, inputs, fields=fields,
+                                **({"output_router_logits": True} if self.aux_loss_enabled else {}))
 
         token_mask = inputs["completion_mask"][:, 1:]  # (2B, T-1): log_probs are for tokens 1..T-1
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
-        logps = outputs.log_probs[:, -token_mask.size(1) :].sum(dim=1)  # (2B,) summed over completion tokens
+        per_token_logps = outputs.log_probs[:, -token_mask.size(1) :]
+        logps = trl_compat.sequence_logps(per_token_logps, token_mask, self.ld_alpha)  # (2B,) over the completion
         chosen_logps, rejected_logps = logps.chunk(2)  # the collator stacks [chosen; rejected]
         ref_chosen_logps, ref_rejected_logps = self._reference_logps(model, inputs)
         chosen_logratios = chosen_logps - ref_chosen_logps
         rejected_logratios = rejected_logps - ref_rejected_logps
 
-        rho = self._margin(chosen_logratios, rejected_logratios, inputs["completion_mask"])
-        scaled_margin = self.beta * rho - self.args.gpo_margin  # t = beta * rho - gamma
-        loss = self.gpo_loss(scaled_margin).mean()
+        loss = self._preference_loss(mode, outputs, inputs, per_token_logps, chosen_logratios, rejected_logratios,
+                                     (ref_chosen_logps, ref_rejected_logps))
         if self.args.sft_coef:
-            per_token_logps = outputs.log_probs[:, -token_mask.size(1) :]
             loss = loss + self.args.sft_coef * self._sft_loss(mode, per_token_logps, token_mask)
         if self.aux_rewards:
             loss = loss + self.args.aux_coef * self._auxiliary_loss(mode, chosen_logratios, rejected_logratios,
@@ -272,7 +282,6 @@ class GPOTrainer(DPOTrainer):
 
         self._log_token_metrics(mode, outputs, inputs, token_mask)
         self._log_reward_metrics(mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps)
-        self._log_gpo_diagnostics(mode, rho, scaled_margin)
         if return_outputs:  # deprecated in TRL too: the fused head builds no logits, so recompute them
             with torch.no_grad():
                 model_kwargs = self._model_kwargs(inputs)
@@ -280,6 +289,60 @@ class GPOTrainer(DPOTrainer):
                 outputs = model(**model_kwargs)
             return loss, outputs
         return loss
+
+    def _preference_loss(self, mode, outputs, inputs, per_token_logps, chosen_logratios, rejected_logratios,
+                         ref_logps):
+        """Sum over the `loss_type` terms (gpo_trl.trl_compat): each f(beta * rho) member as its GPO loss, under
+        the f-divergence margin and the WPO pair weights; the others through DPOTrainer's own code."""
+        token_mask = inputs["completion_mask"][:, 1:]
+        chosen_scores, rejected_scores = (
+            trl_compat.divergence_scores(h, self.f_divergence_type, self.f_alpha_divergence_coef)
+            for h in (chosen_logratios, rejected_logratios))
+        pair_weights = None
+        if self.use_weighting:
+            log_sum_sq_probs = outputs.log_sum_sq_probs[:, -token_mask.size(1) :]
+            pair_weights = trl_compat.wpo_weights(per_token_logps, log_sum_sq_probs, token_mask)
+        loss = None
+        for index, term in enumerate(self.loss_plan.margin_terms):
+            if term.entry == "sigmoid":  # the GPO slot: f and beta are the trainer's (`gpo_loss`, effective beta)
+                term = dataclasses.replace(term, loss=self.gpo_loss, beta=self.beta)
+            rho = self._margin(chosen_scores, rejected_scores, inputs["completion_mask"], term.length_normalize)
+            scaled_margin = term.beta * rho - term.margin  # t = beta * rho - gamma
+            per_pair = term.loss(scaled_margin)
+            if pair_weights is not None:
+                per_pair = per_pair * pair_weights
+            loss = per_pair.mean() * term.weight if loss is None else loss + per_pair.mean() * term.weight
+            self._log_gpo_diagnostics(mode, rho, scaled_margin, term, first=index == 0)
+        if not self.loss_plan.margin_terms:  # GPO's margin diagnostics still describe the run
+            self._log_gpo_diagnostics(mode, chosen_logratios - rejected_logratios, None, None, first=True)
+        if self.loss_plan.trl_terms:
+            trl_loss = self._trl_terms_loss(outputs, inputs, *ref_logps)
+            loss = trl_loss if loss is None else loss + trl_loss
+        return loss
+
+    def _trl_terms_loss(self, outputs, inputs, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
+        """The `loss_type` terms that are not f(beta * rho) (bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
+        apo_zero, apo_down, sft), weighted and summed by DPOTrainer's own `_compute_loss`. It is handed this
+        forward's outputs (the model it calls returns them) and the reference log-probs as if precomputed, so it runs
+        no forward; it applies `ld_alpha` and WPO to its terms itself. Its metrics, which GPO logs itself, go to a
+        scratch store, and the state it reads is set for the call only."""
+        mask = inputs["completion_mask"]
+        if not torch.is_tensor(ref_chosen_logps):  # gpo_reference: none -> reference log-probs 0
+            ref_chosen_logps = ref_rejected_logps = outputs.log_probs.new_zeros(mask.size(0) // 2)
+        replay = {"input_ids": mask, "attention_mask": mask, "completion_mask": mask,
+                  "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+        entries, weights = zip(*self.loss_plan.trl_terms, strict=True)
+        view = {"loss_types": list(entries), "loss_weights": list(weights), "precompute_ref_logps": True,
+                "aux_loss_enabled": False, "beta": float(self.args.beta),
+                "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)}}
+        saved = {name: getattr(self, name) for name in [*view, "_total_train_tokens"]}
+        try:
+            for name, value in view.items():
+                setattr(self, name, value)
+            return DPOTrainer._compute_loss(self, lambda **_: outputs, replay, return_outputs=False)
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     def _model_kwargs(self, inputs) -> dict:
         """The model's inputs, with labels on the completion tokens only, for a padded or a packed batch."""
@@ -436,11 +499,12 @@ class GPOTrainer(DPOTrainer):
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            return self._forward(ref_model, inputs, fields=("log_probs",)).log_probs.sum(dim=1).chunk(2)
+            per_token_logps = self._forward(ref_model, inputs, fields=("log_probs",)).log_probs
+        return trl_compat.sequence_logps(per_token_logps, inputs["completion_mask"][:, 1:], self.ld_alpha).chunk(2)
 
-    def _margin(self, chosen_logratios, rejected_logratios, completion_mask) -> torch.Tensor:
-        """rho per pair: summed log-ratios, or per-token averages when `gpo_length_normalize` (TRL's IPO form)."""
-        if self.args.gpo_length_normalize:
+    def _margin(self, chosen_logratios, rejected_logratios, completion_mask, length_normalize) -> torch.Tensor:
+        """rho per pair: summed log-ratios, or per-token averages when `length_normalize` (TRL's IPO form)."""
+        if length_normalize:
             chosen_len, rejected_len = completion_mask.sum(dim=1).clamp(min=1).chunk(2)
             chosen_logratios = chosen_logratios / chosen_len
             rejected_logratios = rejected_logratios / rejected_len
@@ -490,12 +554,18 @@ class GPOTrainer(DPOTrainer):
         metrics["logps/chosen"].append(self._gather_mean(chosen_logps))
         metrics["logps/rejected"].append(self._gather_mean(rejected_logps))
 
-    def _log_gpo_diagnostics(self, mode, rho, scaled_margin):
+    def _log_gpo_diagnostics(self, mode, rho, scaled_margin, term, first: bool):
         """GPO paper, Sec. 3: E[rho], the offline regulariser 1/2 E[rho^2] (the paper's diagnostic; per unit of push
-        the loss weighs it by 2 * beta * c_f, see `GPOLoss.c_f`), and how much of the batch still pushes."""
+        the loss weighs it by 2 * beta * c_f, see `GPOLoss.c_f`), and how much of the batch still pushes, |f'(t)|.
+        They describe the first f(beta * rho) term of `loss_type`; a later one logs its push as gpo/push/<entry>.
+        Without such a term, only the margin's two (rho: the summed log-ratio margin)."""
         metrics = self._metrics[mode]
+        if not first:
+            metrics[f"gpo/push/{term.entry}"].append(self._gather_mean(term.loss.derivative(scaled_margin).abs()))
+            return
         rho = rho.detach()
         metrics["gpo/margin"].append(self._gather_mean(rho))
         metrics["gpo/offline_reg"].append(0.5 * self._gather_mean(rho**2))
-        metrics["gpo/push"].append(self._gather_mean(self.gpo_loss.derivative(scaled_margin).abs()))
-        metrics["gpo/beta_effective"].append(float(self.beta))
+        if term is not None:
+            metrics["gpo/push"].append(self._gather_mean(term.loss.derivative(scaled_margin).abs()))
+            metrics["gpo/beta_effective"].append(float(term.beta))

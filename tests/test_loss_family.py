@@ -4,7 +4,6 @@ Every expected value is recomputed here from the model's own logits (log_softmax
 fused LM head and of GPOTrainer's code, or compared with TRL's DPOTrainer on the same batches.
 """
 
-import re
 
 import pytest
 import torch
@@ -190,12 +189,6 @@ TRL_PARITY = {
 }
 
 
-# DiscoPOP's f evaluates TRL's formula in another order: the losses differ by 8e-8 relative and, after two updates,
-# the weights by ~2e-7 relative. The implicit rewards are beta x (a difference of two log-prob sums), so that moves
-# them by a few 1e-6 absolute (measured on transformers 5.25: rewards/chosen 2.9e-6 at step 3; within 1e-6 on 5.23).
-ABS_TOL = {("discopop", "rewards/chosen"): 1e-5, ("discopop", "rewards/rejected"): 1e-5}
-
-
 @pytest.mark.parametrize("name", list(TRL_PARITY))
 def test_parity_with_trl_margin_losses(name, tiny_models, zen_dataset, tmp_path):
     """Full fine-tune, 3 steps: the same losses and TRL metrics as TRL's loss_type of the same name."""
@@ -206,9 +199,12 @@ def test_parity_with_trl_margin_losses(name, tiny_models, zen_dataset, tmp_path)
               **trl_kwargs)
     gpo_logs, trl_logs = logged_steps(gpo), logged_steps(trl)
     assert len(gpo_logs) == 3 and gpo_logs[-1]["rewards/margins"] != 0.0
+    # discopop's s e^-t is written exp(-t + logsigmoid(t / tau)) (finite where TRL's product overflows): it drifts
+    # from TRL's by a few float32 ulps per step (3e-6 relative at step 3 with torch 2.13)
+    rel = 1e-5 if name == "discopop" else 1e-6
     for step, (g, t) in enumerate(zip(gpo_logs, trl_logs), start=1):
         for key, value in t.items():
-            assert g[key] == pytest.approx(value, rel=1e-6, abs=ABS_TOL.get((name, key), 1e-6)), f"step {step}: {key}"
+            assert g[key] == pytest.approx(value, rel=rel, abs=1e-6), f"step {step}: {key}"
 
 
 # --- TRL knobs ---------------------------------------------------------------------------------------------------
@@ -288,17 +284,19 @@ HONOURED = {
     "ref_model_sync_steps": "TRL's SyncRefModelCallback (test_sync_ref_model_...)",
     "pad_token": "TRL's collator (deprecated in TRL)",
 }
-# Refused keys: a non-default value and the error it must raise.
-REFUSED = {
-    "loss_type": (["ipo"], "TRL's loss selector"),
-    "loss_weights": ([1.0], "has no effect in GPOTrainer"),
-    "ld_alpha": (0.5, "down-weights the log-probs of the tokens past the shorter completion"),
-    "f_divergence_type": ("forward_kl", "reverse-KL"),
-    "f_alpha_divergence_coef": (0.3, "alpha_divergence, which GPO refuses"),
-    "label_smoothing": (0.1, "gpo_loss_kwargs: {label_smoothing: e}"),
-    "use_weighting": (True, "WPO"),
-    "discopop_tau": (0.1, "gpo_loss_kwargs: {tau: ...}"),
-}
+# Refused keys: a non-default value and the error it must raise. None since TRL's loss options run as in DPOTrainer
+# (tests/test_trl_compat.py); their contradictions are refused there.
+REFUSED = {}
+HONOURED.update({
+    "loss_type": "the loss's terms, the sigmoid entry being gpo_loss (gpo_trl.trl_compat; test_trl_compat)",
+    "loss_weights": "the terms' weights (test_trl_compat)",
+    "ld_alpha": "LD-DPO log-probs for every term (test_trl_compat)",
+    "f_divergence_type": "the margin's scores for every f (test_trl_compat)",
+    "f_alpha_divergence_coef": "alpha_divergence's alpha (test_trl_compat)",
+    "label_smoothing": "robust / exo_pair / aot entries, gpo_loss robust / exo_pair (test_trl_compat)",
+    "use_weighting": "WPO pair weights for every term (test_trl_compat)",
+    "discopop_tau": "discopop's tau (test_trl_compat)",
+})
 
 
 def test_every_dpo_config_key_is_honoured_or_refused():
@@ -310,13 +308,6 @@ def test_every_dpo_config_key_is_honoured_or_refused():
     own = {f.name for f in fields(DPOConfig)} - {f.name for f in fields(TrainingArguments)}
     assert own == set(HONOURED) | set(REFUSED), own ^ (set(HONOURED) | set(REFUSED))
     assert not set(HONOURED) & set(REFUSED)
-
-
-@pytest.mark.parametrize("key", list(REFUSED))
-def test_refused_dpo_config_keys_say_why(key, tmp_path):
-    value, message = REFUSED[key]
-    with pytest.raises(ValueError, match=re.escape(message)):
-        GPOConfig(output_dir=str(tmp_path), **cpu_args(**{key: value}))
 
 
 # --- Recipe keys from TRL's ScriptArguments ----------------------------------------------------------------------
