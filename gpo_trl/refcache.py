@@ -6,7 +6,10 @@ sweep, recomputes the full reference pass. The key here holds exactly what the v
 
 - the tokenised pairs (a hash of the prompt/chosen/rejected token ids, not of the settings that produced them);
 - the reference model's weights (TRL's `hash_module` of the reference, computed at init);
-- how the collator truncates (`max_length`, `truncation_mode`) and the precision of the pass (`bf16`, `fp16`).
+- how the collator truncates (`max_length`, `truncation_mode`) and the precision of the pass (`bf16`, `fp16`);
+- `FORMAT`, raised when the values a given key would hold change: 2 since 4-bit layers stay on their float32
+  training kernel for the reference pass (gpo_trl.fourbit.keep_4bit_layers_differentiable); format-1 entries of a
+  4-bit model on an AVX512-BF16 CPU were computed in bfloat16 and are not reused.
 
 A cache file whose row count does not match is treated as stale and recomputed.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 from datasets import Dataset
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+FORMAT = 2
 _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
@@ -30,7 +34,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(dataset: Dataset, model_hash, args) -> str:
-    """sha256 over the token-id buffers, the reference weights' hash and the truncation/precision settings."""
+    """sha256 over the token-id buffers, the reference weights' hash, the truncation/precision settings and FORMAT."""
     digest = hashlib.sha256()
     table = dataset.data.table
     if dataset._indices is not None:  # a selected/shuffled view: hash the rows in their current order
@@ -40,7 +44,8 @@ def cache_key(dataset: Dataset, model_hash, args) -> str:
             for buffer in chunk.buffers():
                 if buffer is not None:
                     digest.update(buffer)
-    settings = (model_hash, args.max_length, args.truncation_mode, bool(args.bf16), bool(args.fp16), len(dataset))
+    settings = (FORMAT, model_hash, args.max_length, args.truncation_mode, bool(args.bf16), bool(args.fp16),
+                len(dataset))
     digest.update(repr(settings).encode())
     return digest.hexdigest()[:32]
 
