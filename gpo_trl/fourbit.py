@@ -1,4 +1,5 @@
-"""Which kernel bitsandbytes' 4-bit layers run on, said once by the runs that load a 4-bit model, not by every import.
+"""Which kernel bitsandbytes' 4-bit layers run on: said once by the runs that load a 4-bit model, not by every import,
+and kept the same for every pass of a training run (`keep_4bit_layers_differentiable`).
 
 bitsandbytes 0.50 tries, when it is imported on a CPU with AVX512-BF16, to fetch an optional fused CPU kernel
 (`kernels-community/quantization-bitsandbytes`) through the `kernels` package, which downloads it from the Hub at
@@ -55,3 +56,28 @@ def describe_4bit_kernel(device_type: str) -> str:
     return ("4-bit layers: bitsandbytes' built-in CPU kernels (dequantize + matmul). The optional fused kernel "
             f"kernels-community/quantization-bitsandbytes is not used{reason}; it needs `pip install kernels` and "
             "network access to the Hub at run time.")
+
+
+def keep_4bit_layers_differentiable(*models) -> None:
+    """Keep bitsandbytes from switching the 4-bit layers of a model being trained to its CPU inference kernel.
+
+    bitsandbytes 0.50's `Linear4bit.forward`, on a CPU with AVX512-BF16, repacks the layer's weight in place the first
+    time the layer runs in eval mode without gradients (TRL's reference precompute, an evaluation, a generation).
+    From then on every forward of that layer, training ones included, goes through `bitsandbytes::gemv_4bit`, which
+    computes in bfloat16 whatever `bnb_4bit_compute_dtype` says (outputs ~3e-3 relative off the float32 product) and
+    has no autograd formula: the gradient through the frozen base weight to the layer's input is silently dropped
+    (PyTorch only warns "an autograd kernel was not registered"), so the LoRA gradients below it are wrong (measured:
+    92% median relative error on a 2-layer Llama after `precompute_ref_log_probs`). The repack is gated by the
+    per-layer flag `support_avx512bf16_for_cpu`; clearing it keeps every pass of the run, the reference's included,
+    on the dequantize + matmul path with its autograd. A layer that was already repacked cannot be trusted to train.
+    """
+    for model in models:
+        for name, module in model.named_modules() if model is not None else ():
+            if not hasattr(module, "support_avx512bf16_for_cpu"):
+                continue
+            module.support_avx512bf16_for_cpu = False
+            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+                raise ValueError(
+                    f"The 4-bit layer {name} was already converted by bitsandbytes to its CPU inference format (the "
+                    "model ran in eval mode without gradients before training), which computes in bfloat16 and "
+                    "passes no gradient back through the layer. Load the model afresh for training.")

@@ -8,7 +8,10 @@ sweep, recomputes the full reference pass. The key here holds exactly what the v
   settings that produced them; see `token_digest`);
 - the reference model's weights (TRL's `hash_module` of the reference, computed at init);
 - how the collator truncates (`max_length`, `truncation_mode`) and the precision of the pass (`bf16`, `fp16`);
-- LD-DPO's `ld_alpha`, which weights the tokens past the shorter completion of each pair.
+- LD-DPO's `ld_alpha`, which weights the tokens past the shorter completion of each pair;
+- `FORMAT`, raised when the values a given key would hold change: 2 since 4-bit layers stay on their float32
+  training kernel for the reference pass (gpo_trl.fourbit.keep_4bit_layers_differentiable); format-1 entries of a
+  4-bit model on an AVX512-BF16 CPU were computed in bfloat16 and are not reused.
 
 A cache file whose row count does not match is treated as stale and recomputed.
 """
@@ -23,6 +26,7 @@ import numpy as np
 from datasets import Dataset
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+FORMAT = 2
 _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
@@ -33,9 +37,9 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(dataset: Dataset, model_hash, args) -> str:
-    """sha256 over the token ids of the dataset's rows, the reference weights' hash and the truncation/precision
-    settings."""
-    settings = (token_digest(dataset), model_hash, args.max_length, args.truncation_mode, bool(args.bf16),
+    """sha256 over the token ids of the dataset's rows, the reference weights' hash, the truncation/precision
+    settings and FORMAT."""
+    settings = (FORMAT, token_digest(dataset), model_hash, args.max_length, args.truncation_mode, bool(args.bf16),
                 bool(args.fp16), len(dataset))
     if getattr(args, "ld_alpha", None) is not None:  # LD-DPO weights the reference's tail tokens
         settings += (("ld_alpha", args.ld_alpha),)

@@ -31,6 +31,7 @@ from trl.trainer import dpo_trainer as trl_dpo_trainer
 from trl.trainer.utils import use_adapter
 
 from . import auxiliary, packing, refcache, trl_compat
+from .fourbit import keep_4bit_layers_differentiable
 from .config import GPOConfig
 from .guards import (LossScaleCallback, NonFiniteError, PreemptionCallback, all_finite, loss_scale_explains,
                      nonfinite_message)
@@ -103,6 +104,7 @@ class GPOTrainer(DPOTrainer):
         given = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *pos, **kwargs).arguments
         self._check_model_for_batch_layout(model, args, given.get("train_dataset"), given.get("peft_config"),
                                  given.get("compute_metrics"))
+        keep_4bit_layers_differentiable(*(m for m in (model, ref_model) if isinstance(m, torch.nn.Module)))
         self._padded_collator = None  # set once TRL has built it; TRL's __init__ precomputes with its own
         # TRL 1.16 turns `padding_free` off for DPO with a warning; GPO implements it (gpo_trl.packing)
         padding_free, args.padding_free = args.padding_free, False
@@ -116,6 +118,7 @@ class GPOTrainer(DPOTrainer):
             args.padding_free = padding_free
         if args.gpo_reference == "none" and "ref" in getattr(self.model, "peft_config", {}):
             self.model.delete_adapter("ref")  # TRL's frozen copy of a loaded adapter: a reference, never used here
+        keep_4bit_layers_differentiable(self.model, self.ref_model)  # for evaluate() and generation during the run
         self.padding_free = padding_free
         self._padded_collator = self.data_collator  # TRL's; also used by the reference precompute
         if args.padding_free or args.prefix_sharing:
@@ -195,6 +198,7 @@ class GPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's precompute, behind a cache keyed by what the values depend on (see gpo_trl.refcache): a run that
         differs only in beta, the loss or the learning rate reuses the reference pass instead of redoing it."""
+        keep_4bit_layers_differentiable(self.model, self.ref_model)  # TRL loaded them: this eval-mode pass comes first
         if not isinstance(dataset, Dataset):
             return super()._precompute_ref_logps(dataset, name, batch_size)
         if self._padded_collator not in (None, self.data_collator):  # a later precompute (evaluate), packing on

@@ -126,26 +126,55 @@ def test_full_fine_tuning_with_a_separate_reference_model(tiny_models, hh_datase
     assert_same_gradients(grads, expected_grads, "full fine-tuning")
 
 
+def repacked_4bit_layers(trainer) -> list[str]:
+    """The 4-bit layers bitsandbytes switched to its CPU inference format (bf16, no backward): must stay empty."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = {name: m for name, m in trainer.model.named_modules() if isinstance(m, Linear4bit)}
+    assert len(layers) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    return [name for name, m in layers.items() if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+
+
 def test_qlora_4bit_packed_prefix_shared_matches_padded(tiny_models, hh_dataset, tmp_path):
     """bitsandbytes nf4 base (float32 compute) + LoRA, reference through the disabled adapter, precomputed or not.
 
-    Both layouts run on the same trainer: bitsandbytes repacks a 4-bit weight for its CPU kernel on the first forward
-    (the packed shape changes), after which its results move by ~1e-5, so two trainers would differ for that reason.
+    The precompute is an eval-mode pass without gradients. On an AVX512-BF16 CPU, bitsandbytes 0.50 used to switch
+    every 4-bit layer there to its bf16 inference kernel for the rest of the run, which has no backward (see
+    gpo_trl.fourbit.keep_4bit_layers_differentiable): the padded gradients of the precomputed run then differed from
+    those of the run that recomputes the reference by 92% (median over the 28 LoRA tensors), and the packed+prefix-
+    shared ones from the padded ones by up to 1.9e-4. Fixed, the two runs' padded gradients are bit-identical.
     """
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    padded_grads = {}
     for precompute in (False, True):
         trainer = build(tiny_models["llama"], hh_dataset, tmp_path, quantization=nf4,
                         precompute_ref_log_probs=precompute, ref_logps_cache_dir=str(tmp_path / "ref_logps"),
                         padding_free=True, prefix_sharing=True)
-        assert type(trainer.model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+        assert repacked_4bit_layers(trainer) == []
         rows = [trainer.train_dataset[i] for i in range(BATCH)]
-        loss_and_grads(trainer, "savage", rows)  # first forward: bitsandbytes settles its weight layout
         loss, grads, _ = loss_and_grads(trainer, "savage", rows)
         shared_collator, trainer.data_collator = trainer.data_collator, trainer._padded_collator
         expected_loss, expected_grads, _ = loss_and_grads(trainer, "savage", rows)
         assert shared_collator is not trainer.data_collator and "unpack_index" in shared_collator(rows)
         assert_same_loss(loss, expected_loss, f"QLoRA precompute={precompute}")
         assert_same_gradients(grads, expected_grads, f"QLoRA precompute={precompute}")
+        padded_grads[precompute] = expected_grads
+    assert_same_gradients(padded_grads[True], padded_grads[False], "QLoRA precomputed vs recomputed reference")
+
+
+def test_qlora_gradients_unchanged_by_an_evaluation(tiny_models, hh_dataset, tmp_path):
+    """`evaluate()` (e.g. `eval_before_training`) runs the 4-bit layers in eval mode without gradients, as the
+    reference precompute does: the training gradients after it are those before it (they were 90% off after it on
+    an AVX512-BF16 CPU, where bitsandbytes switched the layers to a kernel without backward)."""
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    trainer = build(tiny_models["llama"], hh_dataset, tmp_path, quantization=nf4)
+    rows = [trainer.train_dataset[i] for i in range(BATCH)]
+    expected_loss, expected_grads, _ = loss_and_grads(trainer, "logistic", rows)
+    assert "eval_loss" in trainer.evaluate(eval_dataset=trainer.train_dataset.select(range(BATCH)))
+    assert repacked_4bit_layers(trainer) == []
+    loss, grads, _ = loss_and_grads(trainer, "logistic", rows)
+    assert loss.item() == expected_loss.item()
+    assert_same_gradients(grads, expected_grads, "QLoRA after evaluate()", rtol=0.0)
 
 
 def test_packed_batches_remove_padding_and_share_prompts(tiny_models, hh_dataset, tmp_path):

@@ -56,6 +56,24 @@ def test_qlora_trains_saves_and_reloads(quantization, tiny_models, zen_dataset, 
         assert match and torch.equal(match[0].to(tensor.dtype), tensor), name
 
 
+@pytest.mark.skipif(not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
+                    reason="bitsandbytes converts 4-bit weights to its CPU inference format only on AVX512-BF16 CPUs")
+def test_a_4bit_model_already_run_for_inference_is_refused(tiny_models, zen_dataset, tmp_path):
+    """A 4-bit model that ran in eval mode without gradients before it reached the trainer has bitsandbytes' bf16
+    inference kernel without backward in its layers (see gpo_trl.fourbit): refused with the layer's name, before
+    any dataset work."""
+    from transformers import AutoModelForCausalLM
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]), quantization_config=nf4).eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    args = GPOConfig(output_dir=str(tmp_path), **cpu_args(max_steps=1))
+    with pytest.raises(ValueError, match=r"4-bit layer model\.layers\.0\.self_attn\.q_proj was already converted.*"
+                                         r"Load the model afresh"):
+        GPOTrainer(model=model, args=args, train_dataset=zen_dataset, peft_config=lora())
+
+
 # --- The Hub, intercepted at the client: transformers and gpo_trl run their real code up to HfApi ---------------
 
 
