@@ -3,6 +3,7 @@ first trained a little as a plain language model on the demo texts, so that it s
 different lengths and stops with EOS. Every expectation is recomputed here from the written files."""
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from conftest import read_jsonl
 from gpo_trl import iterate
 from gpo_trl.cli import main as cli
 from gpo_trl.demo import save_talking_model
-from gpo_trl.generation import Sample
+from gpo_trl.generation import Sample, load_prompts
 from gpo_trl.judges import make_judge, make_pairs, score_samples
 from gpo_trl.recipe import ConfigError
 
@@ -348,3 +349,52 @@ def test_ref_model_name_or_path_is_the_reference(tiny_models, talking_model, dem
     assert first_steps["itself"]["rewards/margins"] == 0
     assert first_steps["itself"]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # f(0) = log 2
     assert abs(first_steps["other"]["rewards/margins"]) > 0.01
+
+
+# --- Training sees exactly the sampled tokens -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bos_model(tiny_models, tmp_path_factory) -> Path:
+    """The random-init tiny Llama with a tokenizer that adds BOS to every text, as Llama's tokenizers do."""
+    from tokenizers import processors
+
+    path = tmp_path_factory.mktemp("bos") / "model"
+    shutil.copytree(tiny_models["llama"], path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bos = (tokenizer.bos_token, tokenizer.bos_token_id)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", special_tokens=[bos])
+    tokenizer.save_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path)("Hi").input_ids[0] == bos[1]
+    return path
+
+
+def test_a_round_trains_on_the_ids_it_sampled(bos_model, prompt_files, tmp_path):
+    """The first step's logged log-probs are those of the sampled ids (one plain forward per sequence here), for a
+    model whose samples do not survive decode -> encode and a tokenizer that adds BOS."""
+    from conftest import logged_steps
+    from gpo_trl.recipe import main as recipe_main
+    from gpo_trl.recipe import parse_args
+
+    path = write_plan(tmp_path, bos_model, prompt_files["train"], rounds=1, max_prompts=6, samples_per_prompt=2,
+                      generation={"max_new_tokens": 10, "batch_size": 6},
+                      judge={"aux": "length", "weight": -1, "kwargs": {"unit": "chars"}},
+                      overrides={"max_steps": 1, "per_device_train_batch_size": 16})
+    plan = iterate.load_plan(str(path))
+    round_dir = plan.output_dir / "round_1"
+    recipe = iterate.write_round_recipe(plan, round_dir, str(bos_model), round_dir / "pairs.jsonl", None)
+    iterate.sample_round(plan, 1, str(bos_model), load_prompts(plan.prompts, plan.max_prompts), round_dir)
+    pairs = read_jsonl(round_dir / "pairs.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(bos_model)
+    assert len(pairs) >= 4 and all(p["prompt_ids"] == tokenizer(p["prompt"]).input_ids for p in pairs)
+    assert all(p["prompt_ids"][0] == tokenizer.bos_token_id for p in pairs)
+    retokenised = [tokenizer(p["prompt"] + p[side]).input_ids for p in pairs for side in ("chosen", "rejected")]
+    sampled = [p["prompt_ids"] + p[f"{side}_ids"] for p in pairs for side in ("chosen", "rejected")]
+    assert sum(a != b for a, b in zip(retokenised, sampled)) >= len(sampled) // 2  # text would train other tokens
+
+    trainer, _, _ = recipe_main(*parse_args(["--config", str(recipe)]))
+    first = logged_steps(trainer)[0]
+    model = AutoModelForCausalLM.from_pretrained(bos_model).eval()  # the policy at step 1: LoRA starts at zero
+    for side in ("chosen", "rejected"):
+        expected = statistics.fmean(sequence_logprob(model, p["prompt_ids"], p[f"{side}_ids"]) for p in pairs)
+        assert first[f"logps/{side}"] == pytest.approx(expected, abs=2e-3), side
