@@ -398,3 +398,116 @@ def test_a_round_trains_on_the_ids_it_sampled(bos_model, prompt_files, tmp_path)
     for side in ("chosen", "rejected"):
         expected = statistics.fmean(sequence_logprob(model, p["prompt_ids"], p[f"{side}_ids"]) for p in pairs)
         assert first[f"logps/{side}"] == pytest.approx(expected, abs=2e-3), side
+
+
+# --- Bad input and interrupted runs (issue #21's iterate cases) -------------------------------------------------
+
+
+class Sampled(Exception):
+    """Raised by a stand-in for sample_round: reaching it means every check before sampling passed."""
+
+
+def _round_1_defined_with_another_judge(path: Path):
+    plan = iterate.load_plan(str(path))
+    prompts = load_prompts(plan.prompts)
+    other = {**plan.spec, "judge": {"aux": "length", "weight": -2}}
+    plan.spec = other
+    iterate.check_definition(plan, iterate.definition(plan, prompts), restart=False)
+    (plan.output_dir / "round_1").mkdir()
+    (plan.output_dir / "round_1" / "round.json").write_text("{}")
+
+
+def _unrelated_files_in_output_dir(path: Path):
+    out = path.parent / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+
+# (what is wrong: a change to the iterate file, a setup of its folder), the message; all before any sampling
+BAD_ITERATE_RUNS = {
+    "missing prompts file": ({"prompts": {"data_files": "missing.jsonl"}}, None,
+                             "prompts file missing.jsonl does not exist"),
+    "empty prompts file": ({"prompts": {"data_files": "EMPTY"}}, None, "is empty; it needs one prompt per row"),
+    "output_dir is a file": ({"output_dir": "FILE"}, None, "is a file; iterate writes a folder of rounds there"),
+    "unknown launch option": ({"launch": ["--num_proceses", "2"]}, None,
+                              "`launch` has '--num_proceses', which is not a launch option"),
+    "unknown accelerate flag": ({"launch": ["--", "--no_such_flag"]}, None,
+                                "`accelerate launch` has no option '--no_such_flag'"),
+    "bad launch value": ({"launch": ["--num_processes", "two"]}, None, "invalid literal for int()"),
+    "another definition": ({}, _round_1_defined_with_another_judge,
+                           "holds rounds made with another definition: judge.weight changed"),
+    "a folder of other files": ({}, _unrelated_files_in_output_dir, "is not empty and holds no iterate.json"),
+    "negative missing_eos_penalty": ({"missing_eos_penalty": -1}, None, "`missing_eos_penalty` must be a number >= 0"),
+    "bad merge_dtype": ({"merge_dtype": "fp8"}, None, "`merge_dtype` must be one of"),
+    "unknown generation processor": ({"generation": {"processors": {"repetition_penalt": 1.2}}}, None,
+                                     "Did you mean 'repetition_penalty'?"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ITERATE_RUNS)
+def test_bad_iterate_runs_get_one_line_before_sampling(case, prompt_files, tmp_path, capsys, monkeypatch):
+    change, setup, message = BAD_ITERATE_RUNS[case]
+    (tmp_path / "EMPTY").write_text("")
+    (tmp_path / "FILE").write_text("not a folder")
+    change = json.loads(json.dumps(change).replace('"EMPTY"', json.dumps(str(tmp_path / "EMPTY")))
+                        .replace('"FILE"', json.dumps(str(tmp_path / "FILE"))))
+    path = write_plan(tmp_path, tmp_path / "no-model-needed", prompt_files["train"], **change)
+    if setup:
+        setup(path)
+    monkeypatch.setattr(iterate, "sample_round", lambda *args: (_ for _ in ()).throw(Sampled()))
+    monkeypatch.chdir(tmp_path)
+    assert cli(["iterate", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error, error
+    report = error[error.index("gpo-trl: "):].strip().splitlines()  # after any progress bar of `datasets`
+    assert len(report) == 2 and report[0] in ("gpo-trl: ConfigError:", "gpo-trl: DataError:"), report
+
+
+def test_restart_deletes_the_rounds_of_another_definition(prompt_files, tmp_path, monkeypatch):
+    path = write_plan(tmp_path, tmp_path / "no-model-needed", prompt_files["train"])
+    _round_1_defined_with_another_judge(path)
+    monkeypatch.setattr(iterate, "sample_round", lambda *args: (_ for _ in ()).throw(Sampled()))
+    with pytest.raises(Sampled):
+        cli(["iterate", "--config", str(path), "--restart"])
+    out = tmp_path / "out"
+    assert json.loads((out / "iterate.json").read_text())["definition"]["judge"] == SHORTER
+    assert not (out / "round_1" / "round.json").exists()  # round 1 was started afresh (recipe.yaml only)
+    assert sorted(p.name for p in (out / "round_1").iterdir()) == ["recipe.yaml"]
+
+
+def test_a_round_interrupted_in_training_resumes_from_its_checkpoint(tiny_models, prompt_files, tmp_path,
+                                                                      monkeypatch):
+    """A real SIGTERM at step 2 of 3 (the recipe checkpoints every step): the rerun trains step 3 only."""
+    import os
+    import signal
+
+    from gpo_trl.guards import PreemptionCallback
+    from gpo_trl.trainer import GPOTrainer
+
+    path = write_plan(tmp_path, tiny_models["llama"], prompt_files["train"], rounds=1, max_prompts=4,
+                      samples_per_prompt=2, generation={"max_new_tokens": 6},
+                      judge={"aux": "length", "weight": -1, "kwargs": {"unit": "chars"}},
+                      overrides={"max_steps": 3, "per_device_train_batch_size": 2, "save_strategy": "steps",
+                                 "save_steps": 1})
+    real_step_end, steps = PreemptionCallback.on_step_end, []
+
+    def terminated_at_step_2(self, args, state, control, **kwargs):
+        if state.global_step == 2 and not steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(PreemptionCallback, "on_step_end", terminated_at_step_2)
+    with pytest.raises(RuntimeError, match="interrupted by signal"):
+        iterate.run_iterate(iterate.load_plan(str(path)))
+    adapter = tmp_path / "out" / "round_1" / "adapter"
+    assert (adapter / "checkpoint-2" / "trainer_state.json").is_file() and not (adapter / "gpo_run.json").exists()
+    real_training_step = GPOTrainer.training_step
+
+    def counted(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        return real_training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPOTrainer, "training_step", counted)
+    rows = iterate.run_iterate(iterate.load_plan(str(path)))
+    assert steps == [2] and rows[0]["steps"] == 3  # one step, the third (global_step counts those before it)
+    assert rows[0]["merge_dtype"] == "float32" and rows[0]["merge_max_abs_logp_diff"] <= 1e-5
