@@ -202,6 +202,14 @@ def stop_ids(model, tokenizer) -> set[int]:
     return {i for i in ids | {tokenizer.eos_token_id} if i is not None}
 
 
+def shipped_processors(model) -> dict:
+    """The distribution-changing settings the model's generation_config turns on (sampling switches them off);
+    top_k is left out: transformers' default of 50 is what most configs carry without meaning it."""
+    config = model.generation_config
+    return {k: getattr(config, k) for k, neutral in PROCESSOR_SETTINGS.items()
+            if getattr(config, k, None) not in (None, neutral) and k != "top_k"}
+
+
 @contextlib.contextmanager
 def own_distribution(model):
     """Sample from the model's own distribution: while inside, the model's generation_config keeps only its special
@@ -209,8 +217,7 @@ def own_distribution(model):
     any other processor) would otherwise apply. Yields the processors the model's config had turned on."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     saved = target.generation_config
-    switched_off = {k: getattr(saved, k) for k, neutral in PROCESSOR_SETTINGS.items()
-                    if getattr(saved, k, None) not in (None, neutral) and k != "top_k"}
+    switched_off = shipped_processors(model)
     target.generation_config = GenerationConfig(**{k: getattr(saved, k) for k in _KEPT_FROM_MODEL
                                                    if getattr(saved, k, None) is not None})
     try:

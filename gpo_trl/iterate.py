@@ -317,7 +317,7 @@ def sample_round(plan: IteratePlan, k: int, policy: str, prompts: list, round_di
         del model
     texts = [as_text(p) for p in prompts]
     scores = score_samples(plan.judge, texts, samples, device=device)
-    used = [score - (plan.missing_eos_penalty or 0) * (not s.stopped) for s, score in zip(samples, scores)]
+    used = scores_for_pairing(plan, samples, scores)
     pairs, ties, unpaired = pair_samples(plan, samples, used, seed)
     write_jsonl(round_dir / "samples.jsonl", [
         {"prompt_index": s.prompt_index, "sample_index": s.sample_index, "prompt": prompts[s.prompt_index],
@@ -337,6 +337,12 @@ def sample_round(plan: IteratePlan, k: int, policy: str, prompts: list, round_di
              "sampled_from": plan.generation.distortions or "the model's own distribution"}
     write_text_atomic(round_dir / "sampling.json", json.dumps(stats, indent=2))
     write_jsonl(round_dir / "pairs.jsonl", [pair_row(prompts, samples, used, a, b) for a, b in pairs])
+
+
+def scores_for_pairing(plan: IteratePlan, samples, scores: list[float]) -> list[float]:
+    """The judge's scores less `missing_eos_penalty` for each sample cut at max_new_tokens (TRL OnlineDPO's rule)."""
+    penalty = plan.missing_eos_penalty or 0
+    return [score - penalty * (not s.stopped) for s, score in zip(samples, scores)]
 
 
 def pair_samples(plan: IteratePlan, samples, scores: list[float], seed: int):

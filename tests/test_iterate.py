@@ -294,8 +294,9 @@ def test_evaluate_generate_compare_win_rate_and_kl(iterated, prompt_files, tmp_p
         assert summary["tie_rate"] == outcomes.count(0) / len(outcomes)
         assert summary["judge_mean"] == statistics.fmean(p["score"] for p in policy)
         assert summary["mean_tokens"] == statistics.fmean(len(p["completion_ids"]) for p in policy)
-        low, high = summary["judge_ci95"]
-        spread = 1.96 * statistics.pstdev(p["score"] for p in policy) / len(policy) ** 0.5
+        low, high = summary["judge_ci95"]  # a bootstrap over the 8 prompts, each with its 2 samples
+        prompt_means = [statistics.fmean(p["score"] for p in policy if p["prompt_index"] == i) for i in range(8)]
+        spread = 1.96 * statistics.pstdev(prompt_means) / 8 ** 0.5
         assert low <= summary["judge_mean"] <= high and 0.6 * spread < (high - low) / 2 < 1.4 * spread
         # KL from the policy's own samples, recomputed with independent unpadded forwards
         ratios = [sequence_logprob(policy_model, p["prompt_ids"], p["completion_ids"])
@@ -511,3 +512,70 @@ def test_a_round_interrupted_in_training_resumes_from_its_checkpoint(tiny_models
     rows = iterate.run_iterate(iterate.load_plan(str(path)))
     assert steps == [2] and rows[0]["steps"] == 3  # one step, the third (global_step counts those before it)
     assert rows[0]["merge_dtype"] == "float32" and rows[0]["merge_max_abs_logp_diff"] <= 1e-5
+
+
+# --- The stated sampling distribution, and intervals by prompt ----------------------------------------------------
+
+
+def test_generation_config_processors_are_off_unless_asked_for(talking_model, prompt_files, tmp_path):
+    """A model that ships repetition_penalty 1.3 samples what it samples without it; turned on in `processors`, the
+    penalty applies and is named as what the samples (and a KL from them) were drawn with."""
+    from gpo_trl.generation import make_generation, sample_completions, shipped_processors
+
+    model = AutoModelForCausalLM.from_pretrained(talking_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(talking_model)
+    prompts = load_prompts(make_generation and iterate.make_prompt_source({"data_files": str(prompt_files["train"])}),
+                           max_prompts=4)
+    plain = make_generation({"max_new_tokens": 12})
+    penalised = make_generation({"max_new_tokens": 12, "processors": {"repetition_penalty": 1.3}})
+
+    def ids(settings):
+        return [s.completion_ids for s in sample_completions(model, tokenizer, prompts, 2, settings, seed=0)]
+
+    without = ids(plain)
+    model.generation_config.repetition_penalty = 1.3  # as several instruct models ship it
+    assert shipped_processors(model) == {"repetition_penalty": 1.3}
+    assert ids(plain) == without and model.generation_config.repetition_penalty == 1.3  # restored afterwards
+    assert ids(penalised) != without
+    assert plain.distortions == [] and penalised.distortions == ["repetition_penalty"]
+    assert make_generation({"temperature": 0.7, "processors": {"no_repeat_ngram_size": 3}}).distortions == [
+        "temperature", "no_repeat_ngram_size"]
+
+
+def test_cluster_bootstrap_covers_with_prompt_effects():
+    """32 prompts x 4 samples, prompt effects as large as the within-prompt noise: the interval over prompts covers
+    the true mean in >= 93% of 1000 simulated evaluations (measured 94.0%); resampling samples one by one does not
+    (75.4%)."""
+    import numpy as np
+
+    from gpo_trl.generate_eval import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    prompts, per_prompt, runs = 32, 4, 1000
+    clusters = np.repeat(np.arange(prompts), per_prompt)
+    covered = {"prompts": 0, "samples": 0}
+    for run in range(runs):
+        values = (rng.normal(size=prompts)[clusters] + rng.normal(size=prompts * per_prompt)).tolist()
+        for name, groups in (("prompts", clusters.tolist()), ("samples", list(range(len(values))))):
+            low, high = bootstrap_ci(values, groups, resamples=1000, seed=run)
+            covered[name] += low <= 0 <= high
+    assert covered["prompts"] / runs >= 0.93, covered
+    assert covered["samples"] / runs < 0.85, covered
+
+
+def test_truncated_samples_are_penalised_or_dropped(prompt_files, tmp_path):
+    """Prompt 0: a cut sample is the longest-scored; prompt 1: only one sample stopped by itself."""
+    samples = [Sample(0, 0, "a b", [1], [5, 0], True), Sample(0, 1, "a", [1], [6, 0], True),
+               Sample(0, 2, "", [1], [7], False), Sample(1, 0, "b", [1], [8, 0], True),
+               Sample(1, 1, "", [1], [9], False)]
+    scores = [-2.0, -1.0, 0.0, -1.0, 0.0]  # aux:length, weight -1 (words)
+    path = write_plan(tmp_path, tmp_path / "no-model-needed", prompt_files["train"], samples_per_prompt=3)
+    plan = iterate.load_plan(str(path))
+    assert iterate.pair_samples(plan, samples, scores, seed=0) == ([(2, 0), (4, 3)], 0, 0)  # default: kept as is
+    plan.drop_truncated = True
+    assert iterate.pair_samples(plan, samples, scores, seed=0) == ([(1, 0)], 0, 1)
+    plan.drop_truncated = False
+    plan.missing_eos_penalty = 1.5
+    penalised = iterate.scores_for_pairing(plan, samples, scores)
+    assert penalised == [-2.0, -1.0, -1.5, -1.0, -1.5]
+    assert iterate.pair_samples(plan, samples, penalised, seed=0) == ([(1, 0), (3, 4)], 0, 0)
