@@ -579,3 +579,37 @@ def test_truncated_samples_are_penalised_or_dropped(prompt_files, tmp_path):
     penalised = iterate.scores_for_pairing(plan, samples, scores)
     assert penalised == [-2.0, -1.0, -1.5, -1.0, -1.5]
     assert iterate.pair_samples(plan, samples, penalised, seed=0) == ([(1, 0), (3, 4)], 0, 0)
+
+
+def test_trl_style_reward_functions_and_registered_rewards_judge():
+    import custom_judges
+
+    from gpo_trl import register_reward
+    from gpo_trl.auxiliary import REGISTERED, resolve_reward
+    from gpo_trl.errors import JudgeError
+
+    samples = [Sample(i // 2, i % 2, "x" * i, [1], [2] * (i + 1)) for i in range(5)]
+    prompts = ["p0", "p1", "p2"]
+    custom_judges.BATCHES.clear()
+    judge = make_judge({"reward_func": "custom_judges:trl_style_brevity", "kwargs": {"scale": 2}, "batch_size": 2,
+                        "weight": 0.5})
+    assert score_samples(judge, prompts, samples) == [-1.0, -2.0, -3.0, -4.0, -5.0]  # 0.5 * -2 * ids
+    assert custom_judges.BATCHES == [2, 2, 1]
+    with pytest.raises(JudgeError, match="returned 1 scores for 5 completions"):
+        score_samples(make_judge({"reward_func": "custom_judges:trl_style_wrong_count"}), prompts, samples)
+    try:
+        register_reward("chars", lambda prompt, completion: float(len(completion)))
+        register_reward("batched_brevity", custom_judges.trl_style_brevity, batched=True)
+        chars = [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert score_samples(make_judge("aux:chars"), prompts, samples) == chars
+        assert score_samples(make_judge({"reward_func": "chars"}), prompts, samples) == chars
+        assert score_samples(make_judge({"reward_func": "batched_brevity"}), prompts, samples) == [-1, -2, -3, -4, -5]
+        # the same names in aux_rewards (per row; a batched one is called with one-element lists)
+        assert resolve_reward({"name": "chars"})("p", "abc") == 3.0
+        with pytest.raises(TypeError):  # completion_ids are not passed row by row
+            resolve_reward({"name": "batched_brevity"})("p", "abc")
+        with pytest.raises(ValueError, match="built-in reward"):
+            register_reward("length", len)
+    finally:
+        REGISTERED.pop("chars", None)
+        REGISTERED.pop("batched_brevity", None)
