@@ -15,6 +15,7 @@ repeat. `gpo-trl iterate --config rounds.yaml`.
     missing_eos_penalty: null          # subtracted from the judge's score of a sample cut at max_new_tokens
     drop_truncated: false              # true: samples cut at max_new_tokens are never paired
     merge_dtype: float32               # each round's LoRA merge (bfloat16/float16: the recipe's half precision)
+    prepare_demo_model: false          # true: write the demo's talking model to the recipe's model path if absent
     reference: initial                 # or previous: the reference of round K is round K-1's policy
     overrides: {num_train_epochs: 2}   # recipe keys for every round's training
     launch: []                         # options for `accelerate launch`, as for `gpo-trl train`; [] trains in-process
@@ -67,7 +68,8 @@ from .recipe import ConfigError, parse_args, read_yaml_file
 REFERENCES = ("initial", "previous")
 _REQUIRED = ("base", "output_dir", "prompts", "rounds", "judge")
 _KEYS = [*_REQUIRED, "max_prompts", "samples_per_prompt", "generation", "generation_backend", "pairing", "reference",
-         "overrides", "launch", "seed", "missing_eos_penalty", "drop_truncated", "merge_dtype"]
+         "overrides", "launch", "seed", "missing_eos_penalty", "drop_truncated", "merge_dtype",
+         "prepare_demo_model"]
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 # Set by iterate for each round; an override of them would break the rounds' chaining.
 _ROUND_KEYS = ("model_name_or_path", "output_dir", "datasets", "ref_model_name_or_path")
@@ -93,6 +95,7 @@ class IteratePlan:
     missing_eos_penalty: float | None = None
     drop_truncated: bool = False
     merge_dtype: str = "float32"
+    prepare_demo_model: bool = False
     spec: dict = field(default_factory=dict, repr=False)  # the file's content, for the round definition
 
 
@@ -115,7 +118,8 @@ def load_plan(path: str) -> IteratePlan:
         pairing=spec.get("pairing", "best_vs_worst"), reference=spec.get("reference", "initial"),
         overrides=spec.get("overrides") or {}, launch=[str(a) for a in spec.get("launch") or []],
         seed=spec.get("seed", 0), missing_eos_penalty=spec.get("missing_eos_penalty"),
-        drop_truncated=spec.get("drop_truncated", False), merge_dtype=spec.get("merge_dtype", "float32"), spec=spec)
+        drop_truncated=spec.get("drop_truncated", False), merge_dtype=spec.get("merge_dtype", "float32"),
+        prepare_demo_model=spec.get("prepare_demo_model", False), spec=spec)
     _check(plan)
     return plan
 
@@ -138,8 +142,9 @@ def _check(plan: IteratePlan):
     penalty = plan.missing_eos_penalty
     if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 0):
         raise ConfigError(f"`missing_eos_penalty` must be a number >= 0 (or null), got {penalty!r}.")
-    if not isinstance(plan.drop_truncated, bool):
-        raise ConfigError(f"`drop_truncated` must be true or false, got {plan.drop_truncated!r}.")
+    for name in ("drop_truncated", "prepare_demo_model"):
+        if not isinstance(getattr(plan, name), bool):
+            raise ConfigError(f"`{name}` must be true or false, got {getattr(plan, name)!r}.")
     if plan.merge_dtype not in MERGE_DTYPES:
         raise ConfigError(f"`merge_dtype` must be one of {list(MERGE_DTYPES)}, got {plan.merge_dtype!r}.")
     if plan.output_dir.exists() and not plan.output_dir.is_dir():
@@ -211,6 +216,10 @@ def run_iterate(plan: IteratePlan, restart: bool = False) -> list[dict]:
     prompts = load_prompts(plan.prompts, plan.max_prompts)  # a missing or empty file fails before any model loads
     check_definition(plan, definition(plan, prompts), restart)
     initial = initial_model(plan)
+    if plan.prepare_demo_model:
+        from .demo import prepare_talking_model
+
+        prepare_talking_model(initial)
     start = initial
     for k in range(1, plan.rounds + 1):
         round_dir = plan.output_dir / f"round_{k}"

@@ -613,3 +613,22 @@ def test_trl_style_reward_functions_and_registered_rewards_judge():
     finally:
         REGISTERED.pop("chars", None)
         REGISTERED.pop("batched_brevity", None)
+
+
+@pytest.mark.slow
+def test_the_iterate_example_runs_as_written_and_gives_the_recorded_rounds(tmp_path, monkeypatch):
+    """`gpo-trl iterate --config configs/iterate/length.yaml` from a fresh checkout's root (the demo's model written
+    on the way) gives the rounds docs/iterate_length_judge.json records for seed 0, which the README quotes."""
+    from conftest import REPO
+
+    shutil.copytree(REPO / "configs" / "iterate", tmp_path / "configs" / "iterate")
+    monkeypatch.chdir(tmp_path)
+    assert cli(["iterate", "--config", "configs/iterate/length.yaml"]) == 0
+    rows = read_jsonl(tmp_path / "runs" / "iterate-length" / "rounds.jsonl")
+    recorded = json.loads((REPO / "docs" / "iterate_length_judge.json").read_text())["rounds"]["0"]
+    assert len(rows) == len(recorded) == 2
+    for row, expected in zip(rows, recorded):
+        for key in ("samples", "pairs", "ties", "truncated", "mean_completion_words", "mean_completion_tokens",
+                    "judge_mean", "steps"):
+            assert row[key] == expected[key], key
+        assert row["train/train_loss"] == pytest.approx(expected["train/train_loss"], rel=1e-4)
