@@ -302,7 +302,8 @@ def test_evaluate_generate_compare_win_rate_and_kl(iterated, prompt_files, tmp_p
         ratios = [sequence_logprob(policy_model, p["prompt_ids"], p["completion_ids"])
                   - sequence_logprob(base_model, p["prompt_ids"], p["completion_ids"]) for p in policy]
         assert summary["kl"] == pytest.approx(statistics.fmean(ratios), rel=1e-4, abs=1e-4)
-        assert summary["kl"] > 0 and not summary["kl_from_tempered"]
+        assert summary["kl"] > 0 and not summary["kl_from_tempered"] and summary["kl_distorted_by"] == []
+        assert summary["generation_config_ignored"] == {} and summary["prompts"] == 8
         assert str(policy_dir) in printed
         base_rows.append(sorted(base.items()))
     # Same seeds: the base samples are the same whether the base ran as a disabled adapter or as its own model
@@ -632,3 +633,20 @@ def test_the_iterate_example_runs_as_written_and_gives_the_recorded_rounds(tmp_p
                     "judge_mean", "steps"):
             assert row[key] == expected[key], key
         assert row["train/train_loss"] == pytest.approx(expected["train/train_loss"], rel=1e-4)
+
+
+def test_pretokenised_rows_are_checked_by_their_ids(tmp_path):
+    from datasets import Dataset
+
+    from gpo_trl.data import DataError, PreferenceSource, check_dataset, mix
+
+    rows = [{"prompt": "p", "chosen": "", "rejected": "x", "prompt_ids": [1], "chosen_ids": [0], "rejected_ids": [5]},
+            {"prompt": "p", "chosen": "a", "rejected": "b", "prompt_ids": [1], "chosen_ids": [7], "rejected_ids": [7]},
+            {"prompt": "p", "chosen": "a", "rejected": "b", "prompt_ids": [1], "chosen_ids": [], "rejected_ids": [7]}]
+    kept, report = check_dataset(Dataset.from_list(rows), "pairs")
+    # an EOS-only completion is a sample (its text is empty); identical or empty ids are not a pair
+    assert kept["chosen_ids"] == [[0]] and report.dropped == {"chosen identical to rejected": [1],
+                                                               "empty completion": [2]}
+    text = Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="Only some sources of the mixture are pre-tokenised"):
+        mix([Dataset.from_list(rows[:1]), text], [PreferenceSource(path="ids"), PreferenceSource(path="text")])
