@@ -227,7 +227,8 @@ def generation_metrics(settings_path, policy_dir) -> dict:
 # --- The table and the command ----------------------------------------------------------------------------------
 
 _COLUMNS = [("policy", "policy"), ("judge", "judge_mean"), ("95% CI", "judge_ci95"), ("base", "base_judge_mean"),
-            ("win", "win_rate"), ("95% CI", "win_rate_ci95"), ("tie", "tie_rate"), ("tokens", "mean_tokens"), ("base tokens", "base_mean_tokens"),
+            ("win", "win_rate"), ("95% CI", "win_rate_ci95"), ("tie", "tie_rate"), ("tokens", "mean_tokens"),
+            ("base tokens", "base_mean_tokens"),
             ("KL", "kl")]
 
 

@@ -174,7 +174,8 @@ def check_launch(launch: list[str]):
         return
     from accelerate.commands.launch import launch_command_parser
 
-    from .cli import _LAUNCH_OPTIONS, accelerate_launch_args, parse_accelerate_args, split_launch_args, split_passthrough
+    from .cli import (_LAUNCH_OPTIONS, accelerate_launch_args, parse_accelerate_args, split_launch_args,
+                      split_passthrough)
 
     argv, passthrough = split_passthrough(launch)
     options, rest = split_launch_args(argv)

@@ -64,7 +64,8 @@ def make_judge(spec) -> Judge:
         raise ConfigError(f"`judge` needs exactly one of aux, reward_func, reward_model, pairwise; got {sorted(spec)}.")
     kind = kinds[0]
     allowed = {"aux": ["aux", "weight", "kwargs"], "reward_model": ["reward_model", "batch_size"],
-               "pairwise": ["pairwise", "kwargs"], "reward_func": ["reward_func", "weight", "kwargs", "batch_size"]}[kind]
+               "pairwise": ["pairwise", "kwargs"],
+               "reward_func": ["reward_func", "weight", "kwargs", "batch_size"]}[kind]
     check_keys(spec, allowed, f"the {kind} judge")
     name = spec[kind]
     if kind == "aux":
