@@ -17,8 +17,9 @@ gradient, and each pair's value depends on that pair alone (no normalisation ove
 (h = 0) and for small A the gradient is -beta |f'(0)| / tau * sum_y max(A(y), 0) grad log pi(y|x): an
 advantage-weighted likelihood (UPO's form) with the weights measured from the pair's baseline.
 
-A reward is `f(prompt: str, completion: str, **kwargs) -> float`, built in (length, readability, lexicon, regex)
-or named by import path "package.module:function".
+A reward is `f(prompt: str, completion: str, **kwargs) -> float`, built in (length, readability, lexicon, regex),
+registered under a name (`register_reward`, which also takes TRL's batched reward_funcs), or named by import path
+"package.module:function".
 """
 
 from __future__ import annotations
@@ -115,6 +116,44 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "regex": regex_reward,
 }
 
+# --- Named rewards ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registered:
+    fn: Callable
+    batched: bool  # TRL's reward_funcs signature: f(prompts, completions, **kwargs) -> list[float]
+
+    def per_row(self) -> RewardFn:
+        if not self.batched:
+            return self.fn
+        return lambda prompt, completion, **kwargs: self.fn(prompts=[prompt], completions=[completion], **kwargs)[0]
+
+
+REGISTERED: dict[str, Registered] = {}
+
+
+def register_reward(name: str, fn: Callable | None = None, *, batched: bool = False):
+    """Name a reward, usable by its name wherever a reward is named: `aux_rewards: [{name: NAME}]`, and judges
+    (`judge: aux:NAME`, `judge: {reward_func: NAME}`). Per row, `fn(prompt, completion, **kwargs) -> float`; with
+    `batched=True`, TRL's reward_funcs signature `fn(prompts, completions, **kwargs) -> list[float]`. Use as
+    `register_reward("polite", fn)` or as a decorator `@register_reward("polite")`. A registration lives in the
+    process that made it: a launched training (`accelerate launch`) needs it made on import of a module it loads,
+    or an import path instead."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"A reward name is a non-empty text without ':', got {name!r}.")
+    if name in BUILTIN_REWARDS:
+        raise ValueError(f"{name!r} is a built-in reward; choose another name.")
+
+    def add(function):
+        if not callable(function):
+            raise TypeError(f"register_reward({name!r}, ...) needs a function, got {function!r}.")
+        REGISTERED[name] = Registered(function, batched)
+        return function
+
+    return add(fn) if fn is not None else add
+
+
 # --- Building and checking the weighted reward --------------------------------------------------------------------
 
 
@@ -146,6 +185,8 @@ def resolve_reward(spec: dict) -> WeightedReward:
         raise RewardError(f"`weight` of reward {name!r} must be a finite number, got {weight!r}.")
     if name in BUILTIN_REWARDS:
         fn = BUILTIN_REWARDS[name]
+    elif name in REGISTERED:
+        fn = REGISTERED[name].per_row()
     elif ":" in name:
         module, _, attr = name.partition(":")
         try:
@@ -153,7 +194,8 @@ def resolve_reward(spec: dict) -> WeightedReward:
         except (ImportError, AttributeError) as err:
             raise RewardError(f"Cannot load reward function {name!r}: {err}") from err
     else:
-        raise RewardError(f"Unknown reward {name!r}. Built-ins: {sorted(BUILTIN_REWARDS)}; or give an import path "
+        raise RewardError(f"Unknown reward {name!r}. Built-ins: {sorted(BUILTIN_REWARDS)}; registered: "
+                          f"{sorted(REGISTERED)}; or give an import path "
                           "'package.module:function' to f(prompt, completion, **kwargs) -> float.")
     return WeightedReward(name=name, fn=fn, weight=float(weight), kwargs=kwargs)
 

@@ -5,7 +5,7 @@
     gpo-trl evaluate --config recipe.yaml --adapter_path DIR [--metrics_file F.json] [--key value ...]
     gpo-trl evaluate --generate --config generate.yaml --adapter_path DIR [--out DIR]
     gpo-trl evaluate --compare --config generate.yaml DIR1 DIR2 ... [--out DIR]
-    gpo-trl iterate --config rounds.yaml
+    gpo-trl iterate --config rounds.yaml [--restart]
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
     gpo-trl merge --adapter_path DIR --output_dir OUT [--dtype bfloat16] [--push_to_hub --hub_model_id ID]
     gpo-trl sweep --config sweep.yaml [--emit-slurm DIR | --point INDEX | --collect]
@@ -245,9 +245,11 @@ def iterate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpo-trl iterate", description=iterate_doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the iterate file")
+    parser.add_argument("--restart", action="store_true", help="delete the rounds in output_dir made with another "
+                        "definition (recipe, judge, generation, pairing, prompts, seed) and start over")
     args = parser.parse_args(argv)
     plan = load_plan(args.config)  # the whole file and the round recipe are checked before any model loads
-    rows = run_iterate(plan)
+    rows = run_iterate(plan, restart=args.restart)
     print(f"{len(rows)} rounds in {plan.output_dir / 'rounds.csv'}")
     return 0
 

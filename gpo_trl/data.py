@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 SYSTEM = "system"  # optional column: a system message before the prompt (see `with_system_messages`)
 CHAT_TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # kept: TRL passes them to apply_chat_template
+# Pre-tokenised rows (e.g. `gpo-trl iterate`'s pairs, the ids as sampled): trained on as they are, not re-tokenised
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 ROLES = {"system", "user", "assistant", "tool"}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -137,6 +139,8 @@ def load_source(source: PreferenceSource, seed: int = 0) -> Dataset:
         raise DataError(f"{source.label}: column {images[0]!r} holds images, but the GPO recipe trains text models "
                         "(it loads a tokenizer, not an image processor). Remove the column from the data.")
     keep = (*PREFERENCE_COLUMNS, SYSTEM, *CHAT_TEMPLATE_COLUMNS)
+    if set(TOKEN_COLUMNS) <= set(dataset.column_names):
+        keep += TOKEN_COLUMNS
     dataset = dataset.select_columns([c for c in keep if c in dataset.column_names])
     if _needs_extraction(dataset):  # per source, so that a mixture never pairs a prompt-less row with None
         dataset = dataset.map(explicit_prompt, desc=f"Extracting prompts ({source.label})")
@@ -205,8 +209,11 @@ def mix(datasets: list[Dataset], sources: list[PreferenceSource]) -> Dataset:
     if len(kinds) > 1:
         raise DataError("The mixture combines conversational (message lists) and standard (string) sources; "
                         "convert them to one format first.")
-    for column in CHAT_TEMPLATE_COLUMNS:
+    for column in (*CHAT_TEMPLATE_COLUMNS, TOKEN_COLUMNS[0]):
         having = [s.label for s, d in zip(sources, datasets) if column in d.column_names]
+        if having and column == TOKEN_COLUMNS[0] and len(having) < len(datasets):
+            raise DataError(f"Only some sources of the mixture are pre-tokenised ({having} have {list(TOKEN_COLUMNS)})"
+                            "; train them apart, or drop the id columns to tokenise every source from its text.")
         if having and len(having) < len(datasets):
             raise DataError(f"Only some sources of the mixture have a {column!r} column ({having}); TRL applies it "
                             "per row, so give every source the column (empty values are fine) or none.")
@@ -375,11 +382,26 @@ def check_row(row: dict) -> tuple[str, str] | None:
             problem = None
         if problem:
             return column, problem
+    if TOKEN_COLUMNS[0] in row:
+        return _ids_problem(row)
     for column in ("chosen", "rejected"):
         if not _text_of(row[column]).strip():
             return column, "empty completion"
     if row["chosen"] == row["rejected"]:
         return "chosen", "chosen identical to rejected"
+    return None
+
+
+def _ids_problem(row: dict) -> tuple[str, str] | None:
+    """check_row for a pre-tokenised row: its ids are what trains (an EOS-only completion is not empty)."""
+    for column in TOKEN_COLUMNS:
+        ids = row[column]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            return column, f"expected a list of token ids, got {ids!r:.40}"
+        if not ids:
+            return column, "empty completion" if column != "prompt_ids" else "empty prompt_ids"
+    if row["chosen_ids"] == row["rejected_ids"]:
+        return "chosen_ids", "chosen identical to rejected"
     return None
 
 
@@ -471,7 +493,9 @@ def _prompts_filling(dataset: Dataset, tokenizer, max_length: int, skip: dict) -
         if index in skip:
             continue
         prompt = row["prompt"]
-        if isinstance(prompt, list):  # with the row's tools and template kwargs, as TRL tokenizes it
+        if row.get(TOKEN_COLUMNS[0]) is not None:  # pre-tokenised: these ids are what trains
+            ids = row[TOKEN_COLUMNS[0]]
+        elif isinstance(prompt, list):  # with the row's tools and template kwargs, as TRL tokenizes it
             tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
             ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, tools=tools,
                                                 **(row.get("chat_template_kwargs") or {}))

@@ -151,3 +151,17 @@ def prepare_demo_assets(model_dir: str | Path, data_dir: str | Path, architectur
         texts = [row[key] for rows in splits.values() for row in rows for key in ("prompt", "chosen", "rejected")]
         save_tiny_model(model_dir, architecture, texts, seed=seed)
     return model_dir, data_dir
+
+
+def prepare_talking_model(path: str | Path, seed: int = 0) -> Path:
+    """The demo's language model that stops by itself, for `gpo-trl iterate` and `evaluate --generate`: the demo's
+    tiny model (its sibling `tiny-llama`, written as `gpo-trl train --config configs/demo.yaml` writes it, unless it
+    is there already) after 150 causal-LM steps on the demo's training prompts + answers + EOS. Kept when present."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        tiny, _ = prepare_demo_assets(path.parent / "tiny-llama", path.parent / "preferences", seed=seed)
+        train = make_demo_pairs(seed=seed)["train"]
+        staging = path.with_name(f".{path.name}.saving")
+        save_talking_model(staging, tiny, [r["prompt"] + r[side] for r in train for side in ("chosen", "rejected")])
+        staging.replace(path)
+    return path

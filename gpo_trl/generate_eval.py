@@ -13,12 +13,17 @@
 On the prompts, the base model and the trained policy (a LoRA adapter directory, or a full model) are sampled with
 the same seeds and batches, both are scored by the judge, and the report gives:
 
-- judge score mean of each, with a percentile bootstrap 95% interval (over samples);
+- judge score mean of each, and the policy - base difference;
 - win rate of the policy over the base: sample j of a prompt against the base's sample j, ties counted apart;
 - mean completion length (tokens and words);
 - KL(policy || reference) estimated from the policy's own samples: the mean over samples of
   sum_t [log pi(y_t | x, y_<t) - log ref(y_t | x, y_<t)]. The estimate is unbiased when the samples follow the
-  policy's distribution (temperature 1, top_p 1); with other settings it is reported with `kl_from_tempered: true`.
+  policy's distribution: temperature 1, top_p 1 and no other logits processor. The model's generation_config does
+  not apply (its processors are listed under `generation_config_ignored`); a processor turned on in
+  `generation.processors`, a temperature or a top_p are named in `kl_distorted_by` (and `kl_from_tempered: true`).
+
+Every interval is a 95% percentile bootstrap over prompts (the samples of one prompt are resampled together: they
+are correlated, and resampling them one by one gives intervals that are too narrow).
 
 Every sample goes to `samples.jsonl`, the summary to `summary.json` (default folder: <adapter>/generate_eval).
 `--compare DIR1 DIR2 ...` evaluates several policies (e.g. a sweep's points) and prints one table.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +43,7 @@ from pathlib import Path
 from .auxiliary import as_text
 from .data import PreferenceSource
 from .generation import (GenerationSettings, check_keys, completion_logprobs, load_prompts, make_generation,
-                         make_prompt_source, sample_completions)
+                         make_prompt_source, sample_completions, shipped_processors)
 from .guards import write_text_atomic
 from .judges import Judge, make_judge, score_samples
 from .recipe import ConfigError, read_yaml_file
@@ -111,6 +117,7 @@ def evaluate_generation(policy_dir: str, settings: GenerateEval, out: Path | Non
     out = Path(out or Path(policy_dir) / "generate_eval")
     prompts = load_prompts(settings.prompts, settings.max_prompts)
     policy, reference, reference_mode, tokenizer, base = load_models(policy_dir, settings.model)
+    ignored = shipped_processors(policy)
     n, seed = settings.samples_per_prompt, settings.seed
     with reference_mode():
         base_samples = sample_completions(reference, tokenizer, prompts, n, settings.generation, seed,
@@ -131,6 +138,7 @@ def evaluate_generation(policy_dir: str, settings: GenerateEval, out: Path | Non
              for s, score, lp, lr in zip(policy_samples, policy_scores, policy_logps, reference_logps)]
     summary = summarize(policy_dir, base, settings, base_samples, base_scores, policy_samples, policy_scores,
                         log_ratios)
+    summary["generation_config_ignored"] = ignored
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
@@ -149,31 +157,63 @@ def summarize(policy_dir, base, settings: GenerateEval, base_samples, base_score
     opponents = [base_by_key[(s.prompt_index, s.sample_index)] for s in policy_samples]
     outcomes = [(score > other) - (score < other) for score, other in zip(policy_scores, opponents)]
     count = len(outcomes)
-    boot = lambda values: bootstrap_ci(values, settings.bootstrap_samples, settings.seed)  # noqa: E731
+    clusters = [s.prompt_index for s in policy_samples]  # base_samples come in the same order
+
+    def interval(values):
+        return bootstrap_ci(values, clusters, settings.bootstrap_samples, settings.seed)
+
+    distorted_by = settings.generation.distortions
     return {
-        "policy": str(policy_dir), "base": str(base), "samples": count, "judge": settings.judge.describe(),
-        "judge_mean": statistics.fmean(policy_scores), "judge_ci95": boot(policy_scores),
-        "base_judge_mean": statistics.fmean(base_scores), "base_judge_ci95": boot(base_scores),
-        "win_rate": outcomes.count(1) / count, "tie_rate": outcomes.count(0) / count,
+        "policy": str(policy_dir), "base": str(base), "samples": count, "prompts": len(set(clusters)),
+        "judge": settings.judge.describe(),
+        "judge_mean": statistics.fmean(policy_scores), "judge_ci95": interval(policy_scores),
+        "base_judge_mean": statistics.fmean(base_scores), "base_judge_ci95": interval(base_scores),
+        "judge_diff": statistics.fmean(policy_scores) - statistics.fmean(base_scores),
+        "judge_diff_ci95": interval([p - b for p, b in zip(policy_scores, opponents)]),
+        "win_rate": outcomes.count(1) / count, "win_rate_ci95": interval([o == 1 for o in outcomes]),
+        "tie_rate": outcomes.count(0) / count, "tie_rate_ci95": interval([o == 0 for o in outcomes]),
         "loss_rate": outcomes.count(-1) / count,
         "mean_tokens": statistics.fmean(len(s.completion_ids) for s in policy_samples),
         "base_mean_tokens": statistics.fmean(len(s.completion_ids) for s in base_samples),
         "mean_words": statistics.fmean(len(s.completion.split()) for s in policy_samples),
         "base_mean_words": statistics.fmean(len(s.completion.split()) for s in base_samples),
-        "kl": statistics.fmean(log_ratios), "kl_ci95": boot(log_ratios),
-        "kl_from_tempered": not settings.generation.samples_the_model,
+        "truncated": sum(not s.stopped for s in policy_samples),
+        "base_truncated": sum(not s.stopped for s in base_samples),
+        "kl": statistics.fmean(log_ratios), "kl_ci95": interval(log_ratios),
+        "kl_from_tempered": bool(distorted_by), "kl_distorted_by": distorted_by,
         "settings": {**settings.spec, "generation": asdict(settings.generation)},
     }
 
 
-def bootstrap_ci(values: list[float], resamples: int, seed: int) -> list[float]:
-    """Percentile bootstrap 95% interval of the mean (resampling the values with replacement)."""
+def bootstrap_ci(values: list[float], clusters: list[int], resamples: int, seed: int) -> list[float]:
+    """95% interval of the mean by a cluster bootstrap: the clusters (prompts) are drawn with replacement, each with
+    all its values, and each draw's mean is over the values it holds. The percentiles are Hesterberg's expanded
+    ones (`_expanded_tail`): the plain 2.5/97.5 percentiles cover too rarely with few prompts (measured: 92.9% at
+    32 prompts, see tests/test_iterate.py). One prompt gives no interval (NaN)."""
     import numpy as np
 
-    values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    ids, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
+    if len(ids) < 2:
+        return [math.nan, math.nan]
+    sums = np.bincount(cluster_of, weights=np.asarray(values, dtype=float), minlength=len(ids))
+    sizes = np.bincount(cluster_of, minlength=len(ids)).astype(float)
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
+    means = sums[draws].sum(axis=1) / sizes[draws].sum(axis=1)
+    tail = 100 * _expanded_tail(len(ids))
+    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+
+
+def _expanded_tail(n: int, level: float = 0.95) -> float:
+    """The tail probability a of the expanded percentile interval (Hesterberg 2015, "What teachers should know about
+    the bootstrap"): Phi(a) = -sqrt(n / (n - 1)) * t_{n-1}((1 + level) / 2), which widens the percentile interval
+    for the bootstrap's n-divisor variance and the t distribution of a mean of n clusters. The t quantile is the
+    Cornish-Fisher expansion in 1/(n-1) (within 1e-3 of the exact value from n = 10 on; wider than the plain
+    percentile interval for every n)."""
+    normal = statistics.NormalDist()
+    z, v = normal.inv_cdf((1 + level) / 2), n - 1
+    t = (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
+         + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3))
+    return normal.cdf(-math.sqrt(n / v) * t)
 
 
 def generation_metrics(settings_path, policy_dir) -> dict:
@@ -187,7 +227,8 @@ def generation_metrics(settings_path, policy_dir) -> dict:
 # --- The table and the command ----------------------------------------------------------------------------------
 
 _COLUMNS = [("policy", "policy"), ("judge", "judge_mean"), ("95% CI", "judge_ci95"), ("base", "base_judge_mean"),
-            ("win", "win_rate"), ("tie", "tie_rate"), ("tokens", "mean_tokens"), ("base tokens", "base_mean_tokens"),
+            ("win", "win_rate"), ("95% CI", "win_rate_ci95"), ("tie", "tie_rate"), ("tokens", "mean_tokens"),
+            ("base tokens", "base_mean_tokens"),
             ("KL", "kl")]
 
 
@@ -204,8 +245,11 @@ def format_table(summaries: list[dict]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = ["win/tie: share of samples where the policy's score is above/equal to the base's sample with the same "
              "seed; KL = mean over the policy's samples of sum_t log pi/ref."]
-    if any(s["kl_from_tempered"] for s in summaries):
-        notes.append("KL from tempered/top-p samples: not an unbiased estimate of KL(pi || ref).")
+    distorted = sorted({name for s in summaries for name in s.get("kl_distorted_by", [])})
+    if distorted:
+        notes.append(f"KL from samples drawn with {', '.join(distorted)}: not from the policy's own distribution, "
+                     "so not an unbiased estimate of KL(pi || ref).")
+    notes.append("95% intervals: bootstrap over prompts.")
     return "\n".join(lines + notes)
 
 

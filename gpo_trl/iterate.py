@@ -12,25 +12,37 @@ repeat. `gpo-trl iterate --config rounds.yaml`.
     generation_backend: transformers   # or vllm (when installed)
     judge: {aux: length, weight: -1}   # see gpo_trl.judges
     pairing: best_vs_worst             # all_pairs, random_pair; ties are dropped and counted
+    missing_eos_penalty: null          # subtracted from the judge's score of a sample cut at max_new_tokens
+    drop_truncated: false              # true: samples cut at max_new_tokens are never paired
+    merge_dtype: float32               # each round's LoRA merge (bfloat16/float16: the recipe's half precision)
+    prepare_demo_model: false          # true: write the demo's talking model to the recipe's model path if absent
     reference: initial                 # or previous: the reference of round K is round K-1's policy
     overrides: {num_train_epochs: 2}   # recipe keys for every round's training
     launch: []                         # options for `accelerate launch`, as for `gpo-trl train`; [] trains in-process
     seed: 0
 
 Round K samples from the policy of round K-1 (round 0: the recipe's model), scores and pairs the samples, writes
-`round_K/samples.jsonl` and `round_K/pairs.jsonl` (a recipe source: prompt, chosen, rejected, scores), trains with the
+`round_K/samples.jsonl` and `round_K/pairs.jsonl` (a recipe source: prompt, chosen, rejected, scores, and the token
+ids as sampled: `prompt_ids`, `chosen_ids`, `rejected_ids`, which the round trains on as they are), trains with the
 recipe (the same `gpo_trl.recipe.main` as `gpo-trl train`, so LoRA, QLoRA and accelerate work) starting from that
-policy, and saves the adapter to `round_K/adapter`. A LoRA adapter is then merged into `round_K/policy`, where round
-K+1 starts. The reference is the initial model (`reference: initial`, passed as `ref_model_name_or_path`) or the
-round's starting policy (`previous`: the base with the adapter disabled, no extra model in memory).
+policy, and saves the adapter to `round_K/adapter`. A LoRA adapter is then merged into `round_K/policy` through
+`gpo-trl merge`'s check, where round K+1 starts. The reference is the initial model (`reference: initial`, passed as
+`ref_model_name_or_path`) or the round's starting policy (`previous`: the base with the adapter disabled).
 
+A completion cut at `max_new_tokens` has no EOS, and trains without one. By default it is scored and paired like any
+other sample (TRL's OnlineDPO default too); `missing_eos_penalty` lowers its score, `drop_truncated` leaves it out.
+
+`OUT/iterate.json` records what defines the rounds (recipe, judge, generation, pairing, prompts, seed, ...): a rerun
+with another definition is refused, naming the keys that changed, unless `--restart` (which deletes the rounds).
 `round_K/round.json` marks a finished round; its row is also in `rounds.jsonl` / `rounds.csv`. A rerun skips the
-finished rounds and, inside an unfinished round, reuses its pairs if they were written.
+finished rounds and, inside an unfinished round, reuses its pairs if they were written and resumes its training from
+the last complete checkpoint (when the recipe saves checkpoints: `save_strategy: steps`).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -40,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -56,7 +68,9 @@ from .recipe import ConfigError, parse_args, read_yaml_file
 REFERENCES = ("initial", "previous")
 _REQUIRED = ("base", "output_dir", "prompts", "rounds", "judge")
 _KEYS = [*_REQUIRED, "max_prompts", "samples_per_prompt", "generation", "generation_backend", "pairing", "reference",
-         "overrides", "launch", "seed"]
+         "overrides", "launch", "seed", "missing_eos_penalty", "drop_truncated", "merge_dtype",
+         "prepare_demo_model"]
+MERGE_DTYPES = ("float32", "bfloat16", "float16")
 # Set by iterate for each round; an override of them would break the rounds' chaining.
 _ROUND_KEYS = ("model_name_or_path", "output_dir", "datasets", "ref_model_name_or_path")
 _ROUND_DEFAULTS = {"prepare_demo_assets": False, "eval_before_training": False}
@@ -78,6 +92,11 @@ class IteratePlan:
     overrides: dict = field(default_factory=dict)
     launch: list[str] = field(default_factory=list)
     seed: int = 0
+    missing_eos_penalty: float | None = None
+    drop_truncated: bool = False
+    merge_dtype: str = "float32"
+    prepare_demo_model: bool = False
+    spec: dict = field(default_factory=dict, repr=False)  # the file's content, for the round definition
 
 
 def load_plan(path: str) -> IteratePlan:
@@ -98,7 +117,9 @@ def load_plan(path: str) -> IteratePlan:
         generation_backend=spec.get("generation_backend", "transformers"),
         pairing=spec.get("pairing", "best_vs_worst"), reference=spec.get("reference", "initial"),
         overrides=spec.get("overrides") or {}, launch=[str(a) for a in spec.get("launch") or []],
-        seed=spec.get("seed", 0))
+        seed=spec.get("seed", 0), missing_eos_penalty=spec.get("missing_eos_penalty"),
+        drop_truncated=spec.get("drop_truncated", False), merge_dtype=spec.get("merge_dtype", "float32"),
+        prepare_demo_model=spec.get("prepare_demo_model", False), spec=spec)
     _check(plan)
     return plan
 
@@ -118,6 +139,18 @@ def _check(plan: IteratePlan):
     if plan.reference not in REFERENCES:
         raise ConfigError(f"`reference` must be one of {list(REFERENCES)}, got {plan.reference!r}.")
     check_backend(plan.generation_backend)
+    penalty = plan.missing_eos_penalty
+    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 0):
+        raise ConfigError(f"`missing_eos_penalty` must be a number >= 0 (or null), got {penalty!r}.")
+    for name in ("drop_truncated", "prepare_demo_model"):
+        if not isinstance(getattr(plan, name), bool):
+            raise ConfigError(f"`{name}` must be true or false, got {getattr(plan, name)!r}.")
+    if plan.merge_dtype not in MERGE_DTYPES:
+        raise ConfigError(f"`merge_dtype` must be one of {list(MERGE_DTYPES)}, got {plan.merge_dtype!r}.")
+    if plan.output_dir.exists() and not plan.output_dir.is_dir():
+        raise ConfigError(f"`output_dir` {plan.output_dir} is a file; iterate writes a folder of rounds there. "
+                          "Choose another path.")
+    check_launch(plan.launch)
     if not isinstance(plan.overrides, dict):
         raise ConfigError("`overrides` must be a mapping of recipe keys.")
     clash = sorted(set(plan.overrides) & set(_ROUND_KEYS))
@@ -135,6 +168,28 @@ def _check(plan: IteratePlan):
             raise ConfigError(f"The round recipe (base {plan.base} + overrides): {err}") from err
 
 
+def check_launch(launch: list[str]):
+    """`launch` read as `gpo-trl train` reads it, now: a bad flag fails before round 1 samples."""
+    if not launch:
+        return
+    from accelerate.commands.launch import launch_command_parser
+
+    from .cli import (_LAUNCH_OPTIONS, accelerate_launch_args, parse_accelerate_args, split_launch_args,
+                      split_passthrough)
+
+    argv, passthrough = split_passthrough(launch)
+    options, rest = split_launch_args(argv)
+    if rest:
+        raise ConfigError(f"`launch` has {rest[0]!r}, which is not a launch option ({sorted(_LAUNCH_OPTIONS)}); other "
+                          "`accelerate launch` flags go after '--', e.g. [--num_processes, 2, --, --rdzv_backend, "
+                          "c10d].")
+    try:
+        flags = accelerate_launch_args(options) + passthrough
+    except ValueError as err:  # e.g. int('two') for --num_processes
+        raise ConfigError(f"`launch` {options}: {err}") from err
+    parse_accelerate_args(flags, ["--config", "round.yaml"], launch_command_parser())
+
+
 def initial_model(plan: IteratePlan) -> str:
     return parse_args(["--config", str(plan.base)])[2].model_name_or_path
 
@@ -144,6 +199,7 @@ def write_round_recipe(plan: IteratePlan, round_dir: Path, start: str, pairs: Pa
     recipe = yaml.safe_load(plan.base.read_text()) or {}
     recipe.update(_ROUND_DEFAULTS)
     recipe.update(plan.overrides)
+    recipe.setdefault("resume_from_checkpoint", "last")  # an interrupted round resumes (a no-op without checkpoints)
     recipe.update({"model_name_or_path": str(start), "output_dir": str(round_dir / "adapter"),
                    "datasets": [{"data_files": str(pairs)}]})
     recipe.pop("dataset_name", None)
@@ -157,10 +213,14 @@ def write_round_recipe(plan: IteratePlan, round_dir: Path, start: str, pairs: Pa
 # --- The rounds -------------------------------------------------------------------------------------------------
 
 
-def run_iterate(plan: IteratePlan) -> list[dict]:
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
+def run_iterate(plan: IteratePlan, restart: bool = False) -> list[dict]:
+    prompts = load_prompts(plan.prompts, plan.max_prompts)  # a missing or empty file fails before any model loads
+    check_definition(plan, definition(plan, prompts), restart)
     initial = initial_model(plan)
-    prompts = load_prompts(plan.prompts, plan.max_prompts)
+    if plan.prepare_demo_model:
+        from .demo import prepare_talking_model
+
+        prepare_talking_model(initial)
     start = initial
     for k in range(1, plan.rounds + 1):
         round_dir = plan.output_dir / f"round_{k}"
@@ -178,14 +238,73 @@ def run_iterate(plan: IteratePlan) -> list[dict]:
             sample_round(plan, k, start, prompts, round_dir)
         sampling = json.loads((round_dir / "sampling.json").read_text())
         sampled = time.time()
-        train_round(plan, k, recipe)
-        start = merge_round(start, round_dir / "adapter", round_dir / "policy")
+        if not (round_dir / "adapter" / "gpo_run.json").is_file():  # written after the final save: training done
+            train_round(plan, k, recipe)
+        start, merge = merge_round(start, round_dir / "adapter", round_dir / "policy", plan.merge_dtype)
         row = round_row(k, sampling, round_dir, start, sampled - started, time.time() - sampled)
-        write_text_atomic(record, json.dumps(row, indent=2))
+        write_text_atomic(record, json.dumps({**row, **merge}, indent=2))
         write_tables(plan.output_dir)
         print(f"[round {k}/{plan.rounds}] judge mean {row['judge_mean']:.4g} (sd {row['judge_std']:.3g}), "
               f"{row['pairs']} pairs, {row['ties']} ties, policy -> {start}", flush=True)
     return write_tables(plan.output_dir)
+
+
+# --- What defines the rounds ------------------------------------------------------------------------------------
+
+# Besides the recipe, judge, generation and prompts (`rounds`, `launch` and `output_dir` change how many rounds run,
+# how and where, not what a round computes)
+_DEFINING = ("max_prompts", "samples_per_prompt", "generation_backend", "pairing", "reference", "seed",
+             "missing_eos_penalty", "drop_truncated", "merge_dtype")
+
+
+def definition(plan: IteratePlan, prompts: list) -> dict:
+    """What a round's samples, pairs and training depend on: the round recipe (base + overrides), every other key of
+    the iterate file, and the prompts themselves (a hash of the loaded prompts, so an edited file counts)."""
+    recipe = yaml.safe_load(plan.base.read_text()) or {}
+    recipe.update({**_ROUND_DEFAULTS, **plan.overrides})
+    for key in (*_ROUND_KEYS, "dataset_name"):
+        recipe.pop(key, None)
+    recipe["model_name_or_path"] = initial_model(plan)
+    judge = plan.spec["judge"]
+    defined = {name: getattr(plan, name) for name in _DEFINING}
+    defined.update({"recipe": recipe, "generation": asdict(plan.generation),
+                    "judge": {"aux": judge[len("aux:"):]} if isinstance(judge, str) else judge,
+                    "prompts": {"source": plan.spec["prompts"],
+                                "sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}})
+    return json.loads(json.dumps(defined, default=str))  # as it reads back from the file
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ (recursing into mappings)."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def check_definition(plan: IteratePlan, defined: dict, restart: bool):
+    """OUT/iterate.json holds the definition the rounds in OUT were made with. Another one is refused (its rounds
+    would be skipped or mixed as if they were this run's), or starts over with `restart`."""
+    path = plan.output_dir / "iterate.json"
+    if path.is_file():
+        changed = changed_keys(json.loads(path.read_text())["definition"], defined)
+        if changed and not restart:
+            raise ConfigError(f"{plan.output_dir} holds rounds made with another definition: {', '.join(changed)} "
+                              "changed. Use another `output_dir`, undo the change, or rerun with `--restart` to "
+                              "delete those rounds and start over.")
+        if not changed:
+            return
+    elif plan.output_dir.is_dir() and any(plan.output_dir.iterdir()) and not restart:
+        raise ConfigError(f"{plan.output_dir} is not empty and holds no iterate.json, so it is not an earlier run of "
+                          "iterate: choose an empty or new `output_dir` (nothing there is overwritten).")
+    if restart:
+        for old in [*plan.output_dir.glob("round_*"), *(plan.output_dir / n for n in ("rounds.jsonl", "rounds.csv"))]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps({"definition": defined}, indent=2))
 
 
 def sample_round(plan: IteratePlan, k: int, policy: str, prompts: list, round_dir: Path):
@@ -208,24 +327,49 @@ def sample_round(plan: IteratePlan, k: int, policy: str, prompts: list, round_di
         del model
     texts = [as_text(p) for p in prompts]
     scores = score_samples(plan.judge, texts, samples, device=device)
-    pairs, ties = make_pairs(samples, scores, plan.pairing, seed)
+    used = scores_for_pairing(plan, samples, scores)
+    pairs, ties, unpaired = pair_samples(plan, samples, used, seed)
     write_jsonl(round_dir / "samples.jsonl", [
         {"prompt_index": s.prompt_index, "sample_index": s.sample_index, "prompt": prompts[s.prompt_index],
-         "completion": s.completion, "score": score, "completion_tokens": len(s.completion_ids)}
+         "completion": s.completion, "score": score, "stopped": s.stopped, "completion_tokens": len(s.completion_ids),
+         "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids}
         for s, score in zip(samples, scores)])
     if not pairs:
         raise ConfigError(f"Round {k}: every prompt's samples tied under judge {plan.judge.describe()!r} "
-                          f"({ties} ties), so there is nothing to train on. Raise `samples_per_prompt` or "
-                          "`generation.temperature`, or use a judge that separates the samples.")
+                          f"({ties} ties, {unpaired} prompts with fewer than 2 samples to pair), so there is nothing "
+                          "to train on. Raise `samples_per_prompt`, `generation.temperature` or `max_new_tokens`, or "
+                          "use a judge that separates the samples.")
     stats = {"prompts": len(prompts), "samples": len(samples), "pairs": len(pairs), "ties": ties,
              "judge_mean": statistics.fmean(scores), "judge_std": statistics.pstdev(scores),
              "mean_completion_tokens": statistics.fmean(len(s.completion_ids) for s in samples),
-             "mean_completion_words": statistics.fmean(len(s.completion.split()) for s in samples)}
+             "mean_completion_words": statistics.fmean(len(s.completion.split()) for s in samples),
+             "truncated": sum(not s.stopped for s in samples), "unpaired_prompts": unpaired,
+             "sampled_from": plan.generation.distortions or "the model's own distribution"}
     write_text_atomic(round_dir / "sampling.json", json.dumps(stats, indent=2))
-    write_jsonl(round_dir / "pairs.jsonl", [pair_row(prompts, samples, scores, a, b) for a, b in pairs])
+    write_jsonl(round_dir / "pairs.jsonl", [pair_row(prompts, samples, used, a, b) for a, b in pairs])
+
+
+def scores_for_pairing(plan: IteratePlan, samples, scores: list[float]) -> list[float]:
+    """The judge's scores less `missing_eos_penalty` for each sample cut at max_new_tokens (TRL OnlineDPO's rule)."""
+    penalty = plan.missing_eos_penalty or 0
+    return [score - penalty * (not s.stopped) for s, score in zip(samples, scores)]
+
+
+def pair_samples(plan: IteratePlan, samples, scores: list[float], seed: int):
+    """(pairs as positions in `samples`, ties, prompts left with fewer than 2 samples). With `drop_truncated`, the
+    samples cut at max_new_tokens take no part in the pairing."""
+    kept = [i for i, s in enumerate(samples) if s.stopped or not plan.drop_truncated]
+    per_prompt = {}
+    for i in kept:
+        per_prompt.setdefault(samples[i].prompt_index, []).append(i)
+    kept = [i for i in kept if len(per_prompt[samples[i].prompt_index]) >= 2]
+    unpaired = len({s.prompt_index for s in samples}) - len({samples[i].prompt_index for i in kept})
+    pairs, ties = make_pairs([samples[i] for i in kept], [scores[i] for i in kept], plan.pairing, seed)
+    return [(kept[a], kept[b]) for a, b in pairs], ties, unpaired
 
 
 def pair_row(prompts, samples, scores, chosen: int, rejected: int) -> dict:
+    """A pair as text (for reading, and for the judge's record) and as the ids sampled, which are what trains."""
     prompt = prompts[samples[chosen].prompt_index]
 
     def completion(position):  # conversational prompts get assistant-message completions
@@ -233,7 +377,9 @@ def pair_row(prompts, samples, scores, chosen: int, rejected: int) -> dict:
         return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
     return {"prompt": prompt, "chosen": completion(chosen), "rejected": completion(rejected),
-            "score_chosen": scores[chosen], "score_rejected": scores[rejected]}
+            "score_chosen": scores[chosen], "score_rejected": scores[rejected],
+            "prompt_ids": samples[chosen].prompt_ids, "chosen_ids": samples[chosen].completion_ids,
+            "rejected_ids": samples[rejected].completion_ids}
 
 
 def train_round(plan: IteratePlan, k: int, recipe: Path):
@@ -249,23 +395,30 @@ def train_round(plan: IteratePlan, k: int, recipe: Path):
                            "iterate` to resume.")
 
 
-def merge_round(start: str, adapter_dir: Path, policy_dir: Path) -> str:
-    """The round's policy as a full model: the LoRA adapter merged into the round's starting model (a full
-    fine-tune's output already is one). Written to a staging folder, then renamed."""
+def merge_round(start: str, adapter_dir: Path, policy_dir: Path, dtype: str) -> tuple[str, dict]:
+    """(the round's policy as a full model, what its merge measured): the LoRA adapter merged into the round's
+    starting model through `gpo-trl merge` (checked: merged vs adapter-on-base log-probs within the dtype's
+    tolerance), in a staging folder that then replaces `policy_dir` whole. A full fine-tune's output already is one."""
     if not (adapter_dir / "adapter_config.json").is_file():
-        return str(adapter_dir)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return str(adapter_dir), {}
+    from .merge import merge_adapter
 
-    base = AutoModelForCausalLM.from_pretrained(start, dtype="auto")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    staging = policy_dir.with_name(f".{policy_dir.name}.saving")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
-    shutil.rmtree(policy_dir, ignore_errors=True)
-    os.replace(staging, policy_dir)
-    return str(policy_dir)
+    staging = policy_dir.with_name(f".{policy_dir.name}.merging")
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted merge
+    check = merge_adapter(str(adapter_dir), str(staging), dtype=dtype)
+    replace_directory(staging, policy_dir)
+    return str(policy_dir), {"merge_dtype": dtype, "merge_max_abs_logp_diff": check.max_abs_diff}
+
+
+def replace_directory(staging: Path, target: Path):
+    """Put a complete folder in place of `target` with renames only: at any moment `target` is the old folder, the
+    new one, or absent with the old one kept aside (round.json, written after this, decides what a rerun trusts)."""
+    aside = target.with_name(f".{target.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(staging, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def round_row(k: int, sampling: dict, round_dir: Path, policy: str, sample_s: float, train_s: float) -> dict:

@@ -4,9 +4,15 @@ A judge is named in the `judge:` key of an iterate or evaluate file:
 
     judge: aux:length                                  # a registered auxiliary reward (gpo_trl.auxiliary) ...
     judge: aux:my_pkg.rewards:helpfulness              # ... or an import path to f(prompt, completion) -> float
+    judge: {reward_func: my_pkg.rewards:helpful, weight: 1, kwargs: {}, batch_size: 64}
+                                                       # TRL's reward_funcs: f(prompts, completions, **kw) -> [float]
     judge: {aux: length, weight: -1, kwargs: {unit: words}}   # weight -1: shorter is better
     judge: {reward_model: path/or/hub-id, batch_size: 16}     # AutoModelForSequenceClassification, one logit
     judge: {pairwise: my_pkg.judges:prefer}            # f(prompt, a, b) -> 0 if a is better, 1 if b is better
+
+A `reward_func` is called on batches of samples with `prompts=`, `completions=` (texts) and `completion_ids=` (the
+sampled ids), as TRL's GRPO/OnlineDPO trainers call theirs, so it must take `**kwargs`. A name registered with
+`gpo_trl.register_reward` works in `aux:` and `reward_func:` alike (a batched one is called row by row under `aux:`).
 
 Every score is checked: a judge that raises, or returns a non-number or NaN/inf, stops the run with the prompt index
 named, before any training. A pairwise judge scores each sample by its wins in a round robin over the samples of
@@ -25,7 +31,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from .auxiliary import BUILTIN_REWARDS, RewardError, resolve_reward
+from .auxiliary import BUILTIN_REWARDS, REGISTERED, Registered, RewardError, resolve_reward
 from .generation import check_keys
 from .errors import ConfigError, JudgeError
 
@@ -34,7 +40,7 @@ PAIRINGS = ("best_vs_worst", "all_pairs", "random_pair")
 
 @dataclass
 class Judge:
-    kind: str  # "aux", "reward_model" or "pairwise"
+    kind: str  # "aux", "reward_func", "reward_model" or "pairwise"
     name: str
     settings: dict = field(default_factory=dict)
     fn: object = field(default=None, repr=False)
@@ -53,12 +59,13 @@ def make_judge(spec) -> Judge:
         spec = {"aux": spec[len("aux:"):]}
     if not isinstance(spec, dict):
         raise ConfigError(f"`judge` must be `aux:<reward>` or a mapping, got {spec!r}.")
-    kinds = [k for k in ("aux", "reward_model", "pairwise") if k in spec]
+    kinds = [k for k in ("aux", "reward_func", "reward_model", "pairwise") if k in spec]
     if len(kinds) != 1:
-        raise ConfigError(f"`judge` needs exactly one of aux, reward_model, pairwise; got {sorted(spec)}.")
+        raise ConfigError(f"`judge` needs exactly one of aux, reward_func, reward_model, pairwise; got {sorted(spec)}.")
     kind = kinds[0]
     allowed = {"aux": ["aux", "weight", "kwargs"], "reward_model": ["reward_model", "batch_size"],
-               "pairwise": ["pairwise", "kwargs"]}[kind]
+               "pairwise": ["pairwise", "kwargs"],
+               "reward_func": ["reward_func", "weight", "kwargs", "batch_size"]}[kind]
     check_keys(spec, allowed, f"the {kind} judge")
     name = spec[kind]
     if kind == "aux":
@@ -68,21 +75,29 @@ def make_judge(spec) -> Judge:
             raise ConfigError(f"`judge`: {err}") from err
         return Judge(kind, name, {"weight": reward.weight}, reward)
     if kind == "pairwise":
-        return Judge(kind, name, {"kwargs": dict(spec.get("kwargs") or {})}, _import(name))
+        return Judge(kind, name, {"kwargs": dict(spec.get("kwargs") or {})}, _import(name, "Pairwise judge"))
     batch_size = spec.get("batch_size", 16)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ConfigError(f"`judge.batch_size` must be an integer >= 1, got {batch_size!r}.")
+    if kind == "reward_func":
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"`judge.weight` must be a finite number, got {weight!r}.")
+        reward = REGISTERED.get(name) or Registered(_import(name, "Reward function"), batched=True)
+        return Judge(kind, str(name), {"weight": float(weight), "kwargs": dict(spec.get("kwargs") or {}),
+                                       "batch_size": batch_size}, reward)
     return Judge(kind, str(name), {"batch_size": batch_size})
 
 
-def _import(path: str):
+def _import(path: str, what: str):
     module, _, attr = str(path).partition(":")
     if not attr:
-        raise ConfigError(f"Pairwise judge {path!r} must be an import path 'package.module:function'.")
+        raise ConfigError(f"{what} {path!r} must be an import path 'package.module:function'"
+                          + (f" or a registered name ({sorted(REGISTERED)})." if what == "Reward function" else "."))
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"Cannot load pairwise judge {path!r}: {err}") from err
+        raise ConfigError(f"Cannot load {what.lower()} {path!r}: {err}") from err
 
 
 # --- Scoring ----------------------------------------------------------------------------------------------------
@@ -96,7 +111,32 @@ def score_samples(judge: Judge, prompts: list[str], samples, device=None) -> lis
                 for s in _bar(samples)]
     if judge.kind == "reward_model":
         return _reward_model_scores(judge, prompts, samples, device)
+    if judge.kind == "reward_func":
+        return _reward_func_scores(judge, prompts, samples)
     return _round_robin_scores(judge, prompts, samples)
+
+
+def _reward_func_scores(judge: Judge, prompts, samples) -> list[float]:
+    """A TRL-style batched reward on batches of samples (a per-row registered one, sample by sample)."""
+    reward, settings = judge.fn, judge.settings
+    if not reward.batched:
+        return [settings["weight"] * _checked(lambda: reward.fn(prompts[s.prompt_index], s.completion,
+                                                                **settings["kwargs"]), judge, s) for s in _bar(samples)]
+    scores = []
+    for start in _bar(range(0, len(samples), settings["batch_size"]), desc="Judging (reward function)"):
+        batch = samples[start:start + settings["batch_size"]]
+        try:
+            values = list(reward.fn(prompts=[prompts[s.prompt_index] for s in batch],
+                                    completions=[s.completion for s in batch],
+                                    completion_ids=[s.completion_ids for s in batch], **settings["kwargs"]))
+        except Exception as err:
+            raise JudgeError(f"Judge {judge.describe()!r} raised {type(err).__name__} on the batch of prompt index "
+                             f"{batch[0].prompt_index} (sample {batch[0].sample_index}) onwards: {err}") from err
+        if len(values) != len(batch):
+            raise JudgeError(f"Judge {judge.describe()!r} returned {len(values)} scores for {len(batch)} completions; "
+                             "a reward function returns one score per completion.")
+        scores += [settings["weight"] * _checked(lambda v=v: v, judge, s) for v, s in zip(values, batch)]
+    return scores
 
 
 def _bar(items, desc="Judging"):

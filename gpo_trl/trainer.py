@@ -33,6 +33,7 @@ from trl.trainer.utils import use_adapter
 from . import auxiliary, packing, refcache, trl_compat
 from .fourbit import keep_4bit_layers_differentiable
 from .config import GPOConfig
+from .data import TOKEN_COLUMNS
 from .guards import (LossScaleCallback, NonFiniteError, PreemptionCallback, all_finite, loss_scale_explains,
                      nonfinite_message)
 
@@ -62,6 +63,23 @@ def _reference_free_load(model):
         yield
     finally:
         trl_dpo_trainer.create_model_from_path = load
+
+
+def _pretokenised(dataset) -> bool:
+    """Rows that already hold the ids to train on (`prompt_ids`, `chosen_ids`, `rejected_ids`, as TRL's collator
+    takes them), e.g. `gpo-trl iterate`'s pairs as sampled."""
+    first = next(iter(dataset), None)
+    return isinstance(first, dict) and all(first.get(c) is not None for c in TOKEN_COLUMNS)
+
+
+def _without_prompt_only_rows(dataset, args, dataset_name):
+    """What TRL's preparation does to ids beyond tokenising: drop rows whose prompt alone fills `max_length` under
+    `keep_start` truncation (the collator would keep no completion token)."""
+    if args.max_length is None or args.truncation_mode != "keep_start":
+        return dataset
+    kwargs = {"desc": f"Dropping fully truncated examples from {dataset_name} dataset"} if isinstance(
+        dataset, Dataset) else {}
+    return dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length, **kwargs)
 
 
 class GPOTrainer(DPOTrainer):
@@ -185,10 +203,15 @@ class GPOTrainer(DPOTrainer):
             card.write(model_card_section(self, datasets))
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Score the auxiliary rewards once per row (cached by `datasets`), then TRL's own preparation."""
+        """Score the auxiliary rewards once per row (cached by `datasets`), then TRL's own preparation, except for a
+        pre-tokenised dataset: TRL 1.16 would re-tokenise it from its text (prompt + completion jointly, an EOS
+        appended), which changes sampled ids; its ids go to TRL's collator as they are."""
         if self.aux_rewards and "aux_reward_chosen" not in dataset.column_names:
             dataset = auxiliary.add_reward_columns(dataset.map(maybe_extract_prompt), self.aux_rewards, dataset_name)
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if _pretokenised(dataset):
+            dataset = _without_prompt_only_rows(dataset, args, dataset_name)
+        else:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if args.train_sampling_strategy == "group_by_length" and args.length_column_name not in dataset.column_names:
             # transformers' LengthGroupedSampler reads this column; a pair costs its longer sequence in a padded batch
             dataset = dataset.map(lambda row: {args.length_column_name: len(row["prompt_ids"]) + max(

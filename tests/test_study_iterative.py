@@ -18,7 +18,7 @@ SMOKE = REPO / "configs" / "studies" / "iterative_smoke.yaml"
 
 @pytest.mark.parametrize("change, message", [
     ({"round": 2}, "Unknown key 'round' in iterative study file"),
-    ({"samples_per_prompt": 1}, "`samples_per_prompt`"),
+    ({"samples_per_prompt": 4}, "`samples_per_prompt` in"),
     ({"losses": ["logistc"]}, "Unknown losses ['logistc']"),
     ({"betas": [0]}, "`betas`"),
 ])
@@ -36,15 +36,19 @@ def ids_of(text: str) -> list[int]:
     return [words[w] if w in words else study.FIRST_WORD + int(w[1:]) for w in text.split()]
 
 
-def test_on_policy_pairs_put_the_higher_gold_reward_first():
+def test_on_policy_pairs_are_labelled_by_the_offline_rule():
+    """The iterative arm's pairs are the offline arm's rule applied to the policy's samples: with the same dice, the
+    same rows as `study.preference_pairs`; the labels are Bradley-Terry coin flips on the gold reward (mostly, not
+    always, the higher gold first)."""
     cfg = study.StudyConfig(threads=1)
     torch.manual_seed(0)
     model = study.build_model(cfg, study.build_tokenizer(cfg.vocab)).eval()
-    rows, stats = on_policy_pairs(model, 40, 3, cfg, torch.Generator().manual_seed(0))
-    assert stats["pairs"] + stats["ties"] == 40 == len(rows) + stats["ties"]
-    for row in rows:  # recomputed from the texts: the prompt's best sample beats its worst
-        prompt = ids_of(row["prompt"])
-        assert study.gold_reward(prompt, ids_of(row["chosen"])) > study.gold_reward(prompt, ids_of(row["rejected"]))
+    rows, stats = on_policy_pairs(model, 200, cfg, torch.Generator().manual_seed(0))
+    offline_rows, _ = study.preference_pairs(model, 200, cfg, torch.Generator().manual_seed(0))
+    assert rows == offline_rows and stats["pairs"] + stats["ties"] == 200 == len(rows) + stats["ties"]
+    higher_first = [study.gold_reward(ids_of(r["prompt"]), ids_of(r["chosen"]))
+                    > study.gold_reward(ids_of(r["prompt"]), ids_of(r["rejected"])) for r in rows]
+    assert 0.5 < sum(higher_first) / len(rows) < 1 and 0.5 < stats["label_agrees_with_gold"] < 1
 
 
 @pytest.mark.slow

@@ -8,11 +8,12 @@ Built on gpo_trl.experiments.study (its task, base LM, samplers, gold reward and
 one `prepare` gives the base LM, the offline Bradley-Terry pairs and the held-out prompts. Per loss and beta:
 
 - offline: the study's own point (`run_point`): GPOTrainer on the base LM's `train_pairs` pairs;
-- iterative: `rounds` rounds, each on `train_pairs / rounds` fresh prompts with `samples_per_prompt` samples from the
-  current policy, scored by the gold reward and paired best vs worst (`gpo_trl.judges.make_pairs`: equal rewards make
-  no pair), trained with GPOTrainer from the current policy against the base LM as the reference (iterate's
-  `reference: initial`), with the offline arm's epochs, batch size and learning rate. Same number of prompts as
-  offline, so the two arms see the same number of pairs (minus ties).
+- iterative: `rounds` rounds, each on `train_pairs / rounds` fresh prompts with two samples from the current policy,
+  labelled by the offline arm's own rule (`study.preference_pairs`: Bradley-Terry on the gold reward with a seeded
+  coin; identical completions make no pair), trained with GPOTrainer from the current policy against the base LM as
+  the reference (iterate's `reference: initial`), with the offline arm's epochs, batch size and learning rate. Same
+  number of prompts as offline, so the two arms see the same number of pairs (minus identical ones), labelled alike:
+  the arms differ only in where the samples come from.
 
 Every round's policy is evaluated like the offline points (gold reward, win rate, KL(pi || base) from its own
 samples, same evaluation seed). Outputs in --out: results.jsonl / results.csv (one row per arm x loss x beta x round),
@@ -35,9 +36,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..generation import Sample, check_keys
+from ..generation import check_keys
 from ..guards import write_text_atomic
-from ..judges import make_pairs
 from ..losses import available_losses
 from ..recipe import ConfigError
 from . import study
@@ -49,7 +49,7 @@ class IterativeConfig:
     losses: list[str] = field(default_factory=lambda: ["logistic", "squared"])
     betas: list[float] = field(default_factory=lambda: [0.025, 0.1, 0.4])
     rounds: int = 4
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 2  # the offline arm's pairs are two samples per prompt; the labelling rule needs two
     seed: int | None = None  # overrides the study file's seed
 
 
@@ -70,8 +70,9 @@ def load_config(path: str | Path) -> tuple[IterativeConfig, study.StudyConfig]:
         raise ConfigError(f"`betas` in {path} must be a non-empty list of numbers > 0.")
     if not (isinstance(config.rounds, int) and config.rounds >= 1):
         raise ConfigError(f"`rounds` in {path} must be an integer >= 1.")
-    if not (isinstance(config.samples_per_prompt, int) and config.samples_per_prompt >= 2):
-        raise ConfigError(f"`samples_per_prompt` in {path} must be an integer >= 2.")
+    if config.samples_per_prompt != 2:
+        raise ConfigError(f"`samples_per_prompt` in {path} must be 2: both arms label a pair of two samples by the "
+                          f"same rule (Bradley-Terry on the gold reward), got {config.samples_per_prompt!r}.")
     study_config = study.load_config(path.parent / config.study)
     if config.seed is not None:
         study_config.seed = config.seed
@@ -81,19 +82,13 @@ def load_config(path: str | Path) -> tuple[IterativeConfig, study.StudyConfig]:
 # --- One iterative run ------------------------------------------------------------------------------------------
 
 
-def on_policy_pairs(policy, n_prompts: int, samples_per_prompt: int, cfg: study.StudyConfig,
-                    generator: torch.Generator) -> tuple[list[dict], dict]:
-    """Fresh prompts, samples from the policy, gold-reward scores, best-vs-worst pairs (as the study's text rows)."""
-    prompts = study.random_prompts(n_prompts, cfg, generator).repeat_interleave(samples_per_prompt, 0)
-    completions = study.sample_in_batches(policy, prompts, cfg, generator)
-    gold = study.rewards(prompts, completions).tolist()
-    bodies = [study.body(c) for c in completions.tolist()]
-    samples = [Sample(i // samples_per_prompt, i % samples_per_prompt, "", [], b) for i, b in enumerate(bodies)]
-    # Identical completions score alike, so make_pairs drops them with the other ties
-    pairs, ties = make_pairs(samples, gold, "best_vs_worst", seed=cfg.seed)
-    rows = [{"prompt": study.to_text(prompts[a].tolist()), "chosen": " " + study.to_text(bodies[a]),
-             "rejected": " " + study.to_text(bodies[b])} for a, b in pairs]
-    return rows, {"pairs": len(rows), "ties": ties, "sampled_gold": statistics.fmean(gold)}
+def on_policy_pairs(policy, n_prompts: int, cfg: study.StudyConfig, generator: torch.Generator
+                    ) -> tuple[list[dict], dict]:
+    """Fresh prompts, two samples each from the policy, labelled as the offline arm labels the base LM's samples
+    (`study.preference_pairs`), so that the arms differ only in the sampling policy."""
+    rows, stats = study.preference_pairs(policy, n_prompts, cfg, generator)
+    return rows, {"pairs": stats["pairs"], "ties": stats["dropped_identical"], "sampled_gold": stats["sampled_gold"],
+                  "label_agrees_with_gold": stats["label_agrees_with_gold"]}
 
 
 def train_round(loss: str, beta: float, start: Path, rows: list[dict], data: dict, cfg: study.StudyConfig,
@@ -131,7 +126,7 @@ def run_iterative(loss: str, beta: float, config: IterativeConfig, data: dict, c
     rows = []
     for k in range(1, config.rounds + 1):
         began = time.perf_counter()
-        pairs, stats = on_policy_pairs(policy, per_round, config.samples_per_prompt, cfg, generator)
+        pairs, stats = on_policy_pairs(policy, per_round, cfg, generator)
         name = f"{loss}-beta{beta}-round{k}"
         policy, metrics = train_round(loss, beta, start, pairs, data, cfg, work, name)
         start = work / "iterative" / name

@@ -39,7 +39,7 @@ def preference_pairs(base, n: int, config: StudyConfig, generator: torch.Generat
         # TRL appends the EOS itself.
         rows.append({"prompt": to_text(prompts[i].tolist()), "chosen": " " + to_text(chosen),
                      "rejected": " " + to_text(rejected)})
-    stats = {"pairs": len(rows), "dropped_identical": ties,
+    stats = {"pairs": len(rows), "dropped_identical": ties, "sampled_gold": float(torch.cat([r1, r2]).mean()),
              "label_agrees_with_gold": float(((r1 > r2) == first_wins)[r1 != r2].double().mean())}
     return rows, stats
 
