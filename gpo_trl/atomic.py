@@ -304,8 +304,8 @@ def replace_dir(final: Path, command: str, overwrite: bool = False, flag: str = 
         try:
             yield staging
             written = [p.name for p in staging.iterdir() if p.name != MARKER]
-            carried = [p for p in final.iterdir() if p.name != MARKER and carry(p.name)] if (
-                carry and final.is_dir()) else []
+            carried = [p for p in final.iterdir() if p.name != MARKER and p.name not in written and carry(p.name)] \
+                if carry and final.is_dir() else []
             for entry in carried:
                 fault_point(f"link {entry.name}")
                 _link_or_copy_tree(entry, staging / entry.name)
