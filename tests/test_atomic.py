@@ -186,3 +186,72 @@ def test_a_real_sigkill_mid_write_keeps_the_old_output_and_the_rerun_finishes(tm
     assert any(".gpo-new-" in name for name in siblings(final))  # the killed build is still there
     subprocess.run([sys.executable, "-c", WRITER, str(final), "b"], env=env, check=True)
     assert set(content(final).values()) == {"b" * 2000} and siblings(final) == []
+
+
+# --- A training run's final save ----------------------------------------------------------------------------------
+
+
+def top_level(folder) -> dict | None:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} if folder.exists() else None
+
+
+def test_a_final_save_killed_at_any_file_operation_keeps_checkpoints_and_old_or_new_model(tmp_path):
+    """The final adapter, card and gpo_run.json are replaced as a whole; the checkpoints and a file of the user's in
+    output_dir survive every crash (hard-linked into the new folder). Old and new saves differ in their weights."""
+    import torch
+
+    from gpo_trl.guards import last_complete_checkpoint
+    from gpo_trl.recipe import claim_output_dir, main as recipe_main, save_final
+    from test_pipeline import demo_args
+
+    trainer, before, after = recipe_main(*demo_args(tmp_path, "--max_steps", "2", "--save_strategy", "steps",
+                                                    "--save_steps", "2"))
+    out = tmp_path / "out"
+    record = json.loads((out / "gpo_run.json").read_text())
+    assert record["base_model"]["name_or_path"] == str(tmp_path / "assets" / "model")
+    assert len(record["base_model"]["embedding_sample"]) == 32
+    (out / "notes.txt").write_text("mine")
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    original = [p.detach().clone() for p in lora_b]
+
+    def save(shift: float):
+        with torch.no_grad():
+            for p, value in zip(lora_b, original):
+                p.copy_(value + shift)
+        save_final(trainer, str(out), before, after)
+
+    save(1.0)
+    new = top_level(out)
+    save(0.0)
+    old = top_level(out)
+    assert old["adapter_model.safetensors"] != new["adapter_model.safetensors"]
+    with inject_fault() as labels:
+        save(1.0)
+    outcomes = []
+    for n in range(1, len(labels) + 1):
+        save(0.0)
+        with inject_fault(at=n), pytest.raises(SimulatedCrash):
+            save(1.0)
+        state = top_level(out)
+        assert state in (old, new) or (state is None and labels[n - 1].startswith("swap 2")), labels[n - 1]
+        outcomes.append("old" if state == old else "new" if state == new else "missing")
+        if state is None:  # what the rerun of `gpo-trl train ... --resume_from_checkpoint last` does first
+            claim_output_dir(str(out), overwrite=False)
+            assert top_level(out) == old
+        assert last_complete_checkpoint(str(out)).endswith("checkpoint-2") and (out / "notes.txt").read_text() == "mine"
+        save(1.0)
+        assert top_level(out) == new and siblings(out) == ["assets"]
+    assert {"old", "new", "missing"} == set(outcomes) and "link checkpoint-2" in labels, (labels, outcomes)
+
+
+def test_training_refuses_an_output_dir_it_did_not_create(tmp_path):
+    from gpo_trl.recipe import main as recipe_main
+    from test_pipeline import demo_args
+
+    mine = tmp_path / "out"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"`output_dir` .* holds files gpo-trl did not write there "
+                       r"\(thesis.tex\).*`--overwrite_output_dir true`"):
+        recipe_main(*demo_args(tmp_path))
+    assert (mine / "thesis.tex").read_text() == "mine"
