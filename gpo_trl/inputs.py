@@ -55,5 +55,12 @@ def check_data_files(data_files, key: str):
         path = Path(name).expanduser()
         if not path.exists():
             raise MissingInputError(f"{key}: the data file {name} does not exist.")
-        if path.is_file() and path.stat().st_size == 0:
+        if path.is_file() and _blank(path):
             raise MissingInputError(f"{key}: the data file {name} is empty.")
+
+
+def _blank(path: Path) -> bool:
+    """Empty, or only whitespace (read up to 64 KiB: a larger file holds something)."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    return len(head) < 65536 and not head.strip()

@@ -72,6 +72,9 @@ def make_judge(spec) -> Judge:
     batch_size = spec.get("batch_size", 16)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ConfigError(f"`judge.batch_size` must be an integer >= 1, got {batch_size!r}.")
+    from .inputs import check_model_source
+
+    check_model_source(str(name), "`judge.reward_model`")  # now, not after the sampling
     return Judge(kind, str(name), {"batch_size": batch_size})
 
 

@@ -27,6 +27,7 @@ from .atomic import check_output_dir, fault_point, read_marker, recover, replace
 from .errors import ConfigError, DataError
 from .guards import NonFiniteError, last_complete_checkpoint
 from .hub import PushError
+from .inputs import check_model_source
 
 
 @dataclass
@@ -160,6 +161,9 @@ def main(script_args, training_args, model_args, dataset_args):
         with PartialState().main_process_first():  # rank 0 writes, the others then read
             prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
 
+    check_model_source(model_args.model_name_or_path, "`model_name_or_path`", adapter_ok=True)
+    if script_args.ref_model_name_or_path is not None:
+        check_model_source(script_args.ref_model_name_or_path, "`ref_model_name_or_path`", adapter_ok=True)
     # Tokenizer and data first: every row is checked before the (expensive) model is loaded.
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                               trust_remote_code=training_args.trust_remote_code)
@@ -362,6 +366,7 @@ def evaluate_adapter(adapter_path: str, script_args, training_args, model_args, 
     from .data import build_datasets, summarize
     from .trainer import GPOTrainer
 
+    check_model_source(adapter_path, "`--adapter_path`", adapter_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(adapter_path)
     _, eval_dataset, reports = build_datasets(script_args, dataset_args, tokenizer, training_args.max_length,
                                               seed=training_args.seed)

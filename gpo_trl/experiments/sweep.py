@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..guards import write_text_atomic
+from ..atomic import write_text_atomic
+from ..errors import DataError
 from ..recipe import ConfigError, parse_args, read_yaml_file
 
 _KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots", "evaluate_generate"}
@@ -172,8 +173,15 @@ def collect_points(sweep: Sweep) -> tuple[list[dict], list[str]]:
 
 def collect(point: dict, point_dir: Path) -> dict:
     """The point's settings plus the run's final metrics (gpo_run.json, written by the recipe)."""
-    run = json.loads((point_dir / "gpo_run.json").read_text())
-    return {**point, **run["metrics"], "output_dir": str(point_dir)}
+    path = point_dir / "gpo_run.json"
+    try:
+        metrics = json.loads(path.read_text())["metrics"]
+        if not isinstance(metrics, dict):
+            raise TypeError("`metrics` is not a mapping")
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path} is not a finished run's record ({type(err).__name__}: {err}); rerun the point with "
+                        f"`gpo-trl sweep --config ... --point INDEX`, or delete {point_dir} to start it over.") from None
+    return {**point, **metrics, "output_dir": str(point_dir)}
 
 
 def write_tables(sweep: Sweep) -> list[dict]:
