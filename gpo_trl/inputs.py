@@ -16,15 +16,16 @@ def _looks_like_a_path(name: str) -> bool:
         os.sep != "/" and os.sep in name)
 
 
-def check_model_source(name: str, key: str, adapter_ok: bool = False):
-    """`name` must be a model folder (config.json; with `adapter_ok` also adapter_config.json) or a Hub id that can
-    be loaded (offline: one in the local Hub cache). `key` names the setting, e.g. "`model:` in generate.yaml"."""
+def check_model_source(name: str, key: str, adapter_ok: bool = False, files: tuple[str, ...] = ("config.json",)):
+    """`name` must be a model folder (holding one of `files`; with `adapter_ok` also adapter_config.json) or a Hub id
+    that can be loaded (offline: one in the local Hub cache). `key` names the setting, e.g. "`model:` in
+    generate.yaml"."""
     path = Path(str(name)).expanduser()
+    files = files + (("adapter_config.json",) if adapter_ok else ())
     if path.is_dir():
-        if (path / "config.json").is_file() or (adapter_ok and (path / "adapter_config.json").is_file()):
+        if any((path / f).is_file() for f in files):
             return
-        raise MissingInputError(f"{key}: {name} holds no config.json{' or adapter_config.json' if adapter_ok else ''}"
-                                " - it is not a model folder.")
+        raise MissingInputError(f"{key}: {name} holds no {' or '.join(files)}: it is not a model folder.")
     if path.exists():
         raise MissingInputError(f"{key}: {name} is a file; a model is a folder or a Hub id (ORG/NAME).")
     if _looks_like_a_path(str(name)):

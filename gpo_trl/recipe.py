@@ -161,7 +161,9 @@ def main(script_args, training_args, model_args, dataset_args):
         with PartialState().main_process_first():  # rank 0 writes, the others then read
             prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
 
-    check_model_source(model_args.model_name_or_path, "`model_name_or_path`", adapter_ok=True)
+    # (a tokenizer alone is enough to reach the data checks, which come first)
+    check_model_source(model_args.model_name_or_path, "`model_name_or_path`", adapter_ok=True,
+                       files=("config.json", "tokenizer_config.json"))
     if script_args.ref_model_name_or_path is not None:
         check_model_source(script_args.ref_model_name_or_path, "`ref_model_name_or_path`", adapter_ok=True)
     # Tokenizer and data first: every row is checked before the (expensive) model is loaded.
