@@ -174,3 +174,27 @@ def test_a_merge_killed_at_any_file_operation_leaves_the_old_or_the_new_model(lo
         assert snapshot(out) == new
         assert sorted(p.name for p in lora_run.iterdir() if p.name.startswith(".crashed.")) == []
     assert {"old", "new", "missing"} == set(outcomes), (labels, outcomes)
+
+
+@pytest.mark.slow
+def test_a_merge_process_killed_between_its_renames_is_finished_by_the_same_command(lora_run):
+    """A real process exits at once (GPO_TRL_FAULT_AT: os._exit(137), no cleanup, as SIGKILL) just before the
+    second rename: OUT is missing and its previous version waits in the backup. Rerunning the same command puts the
+    previous version back, then writes the new merge, with no cleanup by hand."""
+    import os
+    import subprocess
+
+    from conftest import console_script
+
+    out = lora_run / "killed"
+    command = [console_script("gpo-trl"), "merge", "--adapter_path", str(lora_run / "out"), "--output_dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(command + ["--dtype", "bfloat16"], env=env, check=True, capture_output=True)
+    killed = subprocess.run(command, env={**env, "GPO_TRL_FAULT_AT": "7"}, capture_output=True, text=True)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert not out.exists() and [p.name for p in lora_run.glob(".killed.gpo-old-*")]  # between the two renames
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads((out / "gpo_merge.json").read_text())["dtype"] == "float32"
+    assert sorted(p.name for p in lora_run.iterdir() if p.name.startswith(".killed.")) == []
+    AutoModelForCausalLM.from_pretrained(out)
