@@ -115,7 +115,7 @@ def test_push_uploads_the_merged_model_and_a_failed_push_keeps_out(lora_run, fak
     merge_adapter(str(lora_run / "out"), str(out), push_to_hub=True, hub_model_id="me/gpo-merged")
     [upload] = hub.uploads
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= upload["files"]
-    assert "adapter_config.json" not in upload["files"]
+    assert "adapter_config.json" not in upload["files"] and ".gpo-trl" not in upload["files"]
     assert 'from_pretrained("me/gpo-merged")' in upload["card"] and "GPO loss: `logistic`" in upload["card"]
 
     fake_hub(fail_upload=ConnectionError("network unreachable"))
