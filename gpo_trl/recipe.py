@@ -21,9 +21,10 @@ import yaml
 from accelerate import PartialState
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from .atomic import check_output_dir, fault_point, read_marker, recover, replace_dir, write_marker
+from .base_identity import base_identity
 from .config import GPOConfig
 from .data import DataArguments
-from .atomic import check_output_dir, fault_point, read_marker, recover, replace_dir, write_marker
 from .errors import ConfigError, DataError
 from .guards import NonFiniteError, last_complete_checkpoint
 from .hub import PushError
@@ -250,12 +251,6 @@ def claim_output_dir(output_dir: str, overwrite: bool):
     if state.is_main_process and read_marker(path) is None:
         path.mkdir(parents=True, exist_ok=True)
         write_marker(path, "train", [])
-
-
-def base_identity(model, name_or_path: str) -> dict:
-    from .base_identity import base_identity as identity
-
-    return identity(model, name_or_path)
 
 
 def save_final(trainer, output_dir: str, before: dict | None, after: dict | None):

@@ -163,6 +163,9 @@ USER_MISTAKES = [
     Mistake("sweep --collect: corrupt gpo_run.json", lambda w: ["sweep", "--config", w.sweep_yaml(), "--collect"],
             2, "{fresh}/sweep/beta=0.1/gpo_run.json is not a finished run's record",
             setup=lambda w: write(w.fresh / "sweep" / "beta=0.1" / "gpo_run.json", '{"metrics": {"eval_lo')),
+    Mistake("sweep --collect: corrupt result.json", lambda w: ["sweep", "--config", w.sweep_yaml(), "--collect"],
+            2, "{fresh}/sweep/beta=0.1/result.json is not a point's result",
+            setup=lambda w: write(w.fresh / "sweep" / "beta=0.1" / "result.json", "[1, 2")),
     # train (the recipe, as `gpo-trl train` runs it)
     Mistake("train: output_dir holds the user's files", lambda w: train_args(w), 1,
             "`output_dir` {fresh}/out holds files gpo-trl did not write there (thesis.tex)",

@@ -184,8 +184,20 @@ def collect(point: dict, point_dir: Path) -> dict:
     return {**point, **metrics, "output_dir": str(point_dir)}
 
 
+def read_result(path: Path) -> dict:
+    try:
+        row = json.loads(path.read_text())
+        if not isinstance(row, dict):
+            raise TypeError("not a mapping")
+        return row
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{path} is not a point's result ({type(err).__name__}: {err}); delete it and run "
+                        f"`gpo-trl sweep --config ... --collect` again to rebuild it from the point's gpo_run.json.") \
+            from None
+
+
 def write_tables(sweep: Sweep) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted(sweep.output_dir.glob("*/result.json"))]
+    rows = [read_result(p) for p in sorted(sweep.output_dir.glob("*/result.json"))]
     write_text_atomic(sweep.output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
