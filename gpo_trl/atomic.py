@@ -233,7 +233,14 @@ def _leftovers(final: Path, kind: str) -> list[Path]:
     prefix = f".{final.name}.gpo-{kind}-"
     if not final.parent.is_dir():
         return []
-    return sorted((p for p in final.parent.iterdir() if p.name.startswith(prefix)), key=lambda p: p.stat().st_mtime)
+    return sorted((p for p in final.parent.iterdir() if p.name.startswith(prefix)), key=_mtime)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by the writer that owns it
+        return 0.0
 
 
 def _recover_locked(final: Path) -> str | None:
