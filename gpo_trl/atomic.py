@@ -32,6 +32,7 @@ Exception does not run either).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -95,6 +96,7 @@ def write_bytes_atomic(path: Path, data: bytes):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove_dead_writers_files(path)
     fault_point(f"write {path.name}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -103,6 +105,15 @@ def write_bytes_atomic(path: Path, data: bytes):
     fault_point(f"rename {path.name}")
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def _remove_dead_writers_files(path: Path):
+    """Temporary files of `path` left by killed processes (`.NAME.tmp-<pid>`, that pid no longer running here)."""
+    prefix = f".{path.name}.tmp-"
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = leftover.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_identity(int(pid)) is None:
+            leftover.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str):

@@ -154,8 +154,11 @@ def test_write_text_atomic_leaves_no_temporary_file(tmp_path):
     with inject_fault(at=2), pytest.raises(SimulatedCrash):  # killed before the rename: the old file stays
         write_text_atomic(tmp_path / "a" / "x.json", "2")
     assert (tmp_path / "a" / "x.json").read_text() == "1"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "a" / f".x.json.tmp-{int(dead.stdout)}").write_text("half")  # a killed process's
     write_text_atomic(tmp_path / "a" / "x.json", "2")
     assert (tmp_path / "a" / "x.json").read_text() == "2"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.json"]
 
 
 WRITER = """
