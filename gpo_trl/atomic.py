@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import ConfigError, OutputExistsError
+from .errors import OutputExistsError
 
 MARKER = ".gpo-trl"
 
