@@ -125,9 +125,10 @@ def train(argv: list[str]) -> int:
 
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    from .recipe import parse_args
+    from .recipe import check_training_output_dir, parse_args
 
-    parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
+    script_args, training_args, *_ = parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
+    check_training_output_dir(training_args.output_dir, script_args.overwrite_output_dir)
     accelerate_args = parse_accelerate_args(launch_flags, recipe_args, launch_command_parser())
     _forward_signals_to_children()
     # Several processes run under torchrun's agent, in this process, which by default takes SIGTERM/SIGINT over

@@ -234,19 +234,25 @@ def load_reference(script_args, training_args, model_args):
 _LEGACY_RUN = re.compile(r"^(gpo_run\.json|checkpoint-\d+)$")
 
 
-def claim_output_dir(output_dir: str, overwrite: bool):
+def check_training_output_dir(output_dir: str, overwrite: bool):
     """Train only into a folder gpo-trl made (its `.gpo-trl` marker; an older version's gpo_run.json or
-    checkpoint-N), a new or empty one, or with `overwrite_output_dir`; then mark it as gpo-trl's. Also undoes a
-    final save a kill cut between its two renames (gpo_trl.atomic), so that `resume_from_checkpoint: last` finds
-    the checkpoints."""
+    checkpoint-N), a new or empty one, or with `overwrite_output_dir`. Read-only: `gpo-trl train` calls it before
+    launching anything."""
+    path = Path(output_dir)
+    legacy = path.is_dir() and read_marker(path) is None and any(_LEGACY_RUN.match(p.name) for p in path.iterdir())
+    check_output_dir(path, overwrite=overwrite or legacy, flag="--overwrite_output_dir true", strict=False,
+                     what="`output_dir`")
+
+
+def claim_output_dir(output_dir: str, overwrite: bool):
+    """Check output_dir (above), then mark it as gpo-trl's. First undoes a final save that a kill cut between its
+    two renames (gpo_trl.atomic), so that `resume_from_checkpoint: last` finds the checkpoints."""
     state = PartialState()
     path = Path(output_dir)
     if state.is_main_process:
         recover(path)
     state.wait_for_everyone()
-    legacy = path.is_dir() and read_marker(path) is None and any(_LEGACY_RUN.match(p.name) for p in path.iterdir())
-    check_output_dir(path, overwrite=overwrite or legacy, flag="--overwrite_output_dir true", strict=False,
-                     what="`output_dir`")
+    check_training_output_dir(output_dir, overwrite)
     state.wait_for_everyone()
     if state.is_main_process and read_marker(path) is None:
         path.mkdir(parents=True, exist_ok=True)

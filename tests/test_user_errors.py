@@ -167,11 +167,14 @@ USER_MISTAKES = [
             2, "{fresh}/sweep/beta=0.1/result.json is not a point's result",
             setup=lambda w: write(w.fresh / "sweep" / "beta=0.1" / "result.json", "[1, 2")),
     # train (the recipe, as `gpo-trl train` runs it)
-    Mistake("train: output_dir holds the user's files", lambda w: train_args(w), 1,
+    Mistake("train: output_dir holds the user's files", lambda w: ["train", *train_args(w)], 2,
+            "`output_dir` {fresh}/out holds files gpo-trl did not write there (thesis.tex)",
+            setup=lambda w: write(w.fresh / "out" / "thesis.tex", "mine")),
+    Mistake("train: output_dir is a file", lambda w: ["train", *train_args(w)], 2, "`output_dir` {fresh}/out is a file",
+            setup=lambda w: write(w.fresh / "out", "x")),
+    Mistake("train (the recipe itself): output_dir holds the user's files", lambda w: train_args(w), 1,
             "`output_dir` {fresh}/out holds files gpo-trl did not write there (thesis.tex)",
             setup=lambda w: write(w.fresh / "out" / "thesis.tex", "mine"), runner="recipe"),
-    Mistake("train: output_dir is a file", lambda w: train_args(w), 1, "`output_dir` {fresh}/out is a file",
-            setup=lambda w: write(w.fresh / "out", "x"), runner="recipe"),
     Mistake("train: model missing", lambda w: train_args(w, "--model_name_or_path", str(w.fresh / "nomodel")), 1,
             "`model_name_or_path`: {fresh}/nomodel does not exist", runner="recipe"),
 ]
