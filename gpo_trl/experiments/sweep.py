@@ -31,14 +31,13 @@ import csv
 import io
 import itertools
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..atomic import write_text_atomic
+from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import DataError
 from ..recipe import ConfigError, parse_args, read_yaml_file
 
@@ -228,10 +227,10 @@ def draw(rows: list[dict], sweep: Sweep, plot: dict) -> Path:
 
     figure = plot_figure(rows, sweep, plot)
     path = sweep.output_dir / f"plot_{_slug(plot['y'])}_vs_{_slug(plot['x'])}.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=120, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 
