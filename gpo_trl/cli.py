@@ -7,7 +7,8 @@
     gpo-trl evaluate --compare --config generate.yaml DIR1 DIR2 ... [--out DIR]
     gpo-trl iterate --config rounds.yaml [--restart]
     gpo-trl push --output_dir DIR --hub_model_id ID [--private]
-    gpo-trl merge --adapter_path DIR --output_dir OUT [--dtype bfloat16] [--push_to_hub --hub_model_id ID]
+    gpo-trl merge --adapter_path DIR --output_dir OUT [--dtype bfloat16] [--overwrite] [--allow_different_base]
+                  [--push_to_hub --hub_model_id ID]
     gpo-trl sweep --config sweep.yaml [--emit-slurm DIR | --point INDEX | --collect]
     gpo-trl study --config configs/studies/gold_reward.yaml --out docs/study
     gpo-trl losses
@@ -124,9 +125,10 @@ def train(argv: list[str]) -> int:
 
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    from .recipe import parse_args
+    from .recipe import check_training_output_dir, parse_args
 
-    parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
+    script_args, training_args, *_ = parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
+    check_training_output_dir(training_args.output_dir, script_args.overwrite_output_dir)
     accelerate_args = parse_accelerate_args(launch_flags, recipe_args, launch_command_parser())
     _forward_signals_to_children()
     # Several processes run under torchrun's agent, in this process, which by default takes SIGTERM/SIGINT over
@@ -211,7 +213,7 @@ def _forward_signals_to_children():
 
 
 def evaluate(argv: list[str]) -> int:
-    from .guards import write_text_atomic
+    from .atomic import write_text_atomic
     from .recipe import evaluate_adapter, parse_args
 
     if "--generate" in argv or "--compare" in argv:
@@ -280,13 +282,18 @@ def merge(argv: list[str]) -> int:
                         help="dtype the base is loaded and merged in (a QLoRA base too: never the 4-bit weights)")
     parser.add_argument("--tolerance", type=float, help="largest accepted per-token log-prob difference between the "
                         f"merged model and the adapter on the base (default: {TOLERANCES})")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT even when it holds files gpo-trl did "
+                        "not write there (they are deleted)")
+    parser.add_argument("--allow_different_base", action="store_true", help="merge even when the base model is not "
+                        "the one the adapter was trained on (recorded in its gpo_run.json)")
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id")
     parser.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)
     try:
         merge_adapter(args.adapter_path, args.output_dir, dtype=args.dtype, tolerance=args.tolerance,
-                      push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, private=args.private or None)
+                      push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, private=args.private or None,
+                      overwrite=args.overwrite, allow_different_base=args.allow_different_base)
     except MergeError as err:
         print(f"gpo-trl: {err}", file=sys.stderr)
         return 1

@@ -15,3 +15,15 @@ class DataError(ValueError):
 
 class JudgeError(RuntimeError):
     """A judge failed on a sample: names the prompt index and the sample."""
+
+
+class OutputExistsError(ConfigError):
+    """An output would replace files gpo-trl did not write (or a file stands where a folder goes): names them."""
+
+
+class MissingInputError(ConfigError):
+    """A path or model named by the user does not exist (a prompts file, a model, a reward model, a base)."""
+
+
+class BaseMismatchError(ConfigError):
+    """`gpo-trl merge`: the base model is not the one the adapter was trained on (shape or identity)."""

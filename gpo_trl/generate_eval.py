@@ -27,6 +27,10 @@ are correlated, and resampling them one by one gives intervals that are too narr
 
 Every sample goes to `samples.jsonl`, the summary to `summary.json` (default folder: <adapter>/generate_eval).
 `--compare DIR1 DIR2 ...` evaluates several policies (e.g. a sweep's points) and prints one table.
+
+Everything named is checked before the first sample (the prompts file, `model:`, the judge's reward model, every
+policy and its base, every output folder). An output folder is written as a whole (gpo_trl.atomic.replace_dir) and
+only where it holds nothing but an earlier evaluation's files; `--overwrite` replaces anything else.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from .auxiliary import as_text
 from .data import PreferenceSource
 from .generation import (GenerationSettings, check_keys, completion_logprobs, load_prompts, make_generation,
                          make_prompt_source, sample_completions, shipped_processors)
-from .guards import write_text_atomic
+from .atomic import check_output_dir, recover, replace_dir
+from .errors import MissingInputError
+from .inputs import check_data_files, check_model_source
 from .judges import Judge, make_judge, score_samples
 from .recipe import ConfigError, read_yaml_file
 
@@ -71,6 +77,10 @@ def load_settings(path: str) -> GenerateEval:
         raise ConfigError(f"Generation-evaluation file {path} needs `prompts` and `judge` (see `gpo-trl evaluate "
                           "--generate --help`).")
     check_keys(spec, _KEYS, f"generation-evaluation file {path}")
+    if isinstance(spec["prompts"], dict):
+        check_data_files(spec["prompts"].get("data_files"), f"`prompts` in {path}")
+    if spec.get("model") is not None:
+        check_model_source(str(spec["model"]), f"`model:` in {path}")
     settings = GenerateEval(prompts=make_prompt_source(spec["prompts"]), judge=make_judge(spec["judge"]),
                             model=spec.get("model"), max_prompts=spec.get("max_prompts"),
                             samples_per_prompt=spec.get("samples_per_prompt", 1),
@@ -84,6 +94,30 @@ def load_settings(path: str) -> GenerateEval:
 
 
 # --- One policy -------------------------------------------------------------------------------------------------
+
+
+def check_policy(policy_dir: str, base: str | None):
+    """What `load_models` needs, checked without loading anything: the policy folder and its base."""
+    recover(Path(policy_dir))  # a training run killed while swapping in its final save
+    adapter_config = Path(policy_dir) / "adapter_config.json"
+    if adapter_config.is_file():
+        if base is None:
+            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+            check_model_source(str(base), f"The base model of {policy_dir} (base_model_name_or_path in "
+                               f"{adapter_config})")
+        return
+    if not Path(policy_dir).is_dir():
+        raise MissingInputError(f"The policy {policy_dir} does not exist.")
+    if not (Path(policy_dir) / "config.json").is_file():
+        raise ConfigError(f"{policy_dir} holds neither adapter_config.json nor config.json: is it a trained run's "
+                          "output_dir?")
+    if base is None:
+        raise ConfigError(f"{policy_dir} is a full model: set `model:` (the base model, the reference) in the "
+                          "generation-evaluation file.")
+
+
+def output_folder(policy_dir: str, out) -> Path:
+    return Path(out or Path(policy_dir) / "generate_eval")
 
 
 def load_models(policy_dir: str, base: str | None):
@@ -112,10 +146,16 @@ def load_models(policy_dir: str, base: str | None):
     return policy, reference, contextlib.nullcontext, AutoTokenizer.from_pretrained(policy_dir), base
 
 
-def evaluate_generation(policy_dir: str, settings: GenerateEval, out: Path | None = None) -> dict:
-    """Sample, score and compare one policy with its base; writes samples.jsonl and summary.json to `out`."""
-    out = Path(out or Path(policy_dir) / "generate_eval")
+def evaluate_generation(policy_dir: str, settings: GenerateEval, out: Path | None = None,
+                        overwrite: bool = False) -> dict:
+    """Sample, score and compare one policy with its base; writes samples.jsonl and summary.json to `out`, as a
+    whole (never one without the other, never into a folder of the user's without `overwrite`)."""
+    out = output_folder(policy_dir, out)
+    check_policy(policy_dir, settings.model)
+    check_output_dir(out, overwrite=overwrite)
     prompts = load_prompts(settings.prompts, settings.max_prompts)
+    if not prompts:
+        raise MissingInputError(f"`prompts` ({settings.prompts.label}) holds no prompts.")
     policy, reference, reference_mode, tokenizer, base = load_models(policy_dir, settings.model)
     ignored = shipped_processors(policy)
     n, seed = settings.samples_per_prompt, settings.seed
@@ -139,9 +179,9 @@ def evaluate_generation(policy_dir: str, settings: GenerateEval, out: Path | Non
     summary = summarize(policy_dir, base, settings, base_samples, base_scores, policy_samples, policy_scores,
                         log_ratios)
     summary["generation_config_ignored"] = ignored
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    with replace_dir(out, "evaluate --generate", overwrite=overwrite) as staging:
+        (staging / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -262,6 +302,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--adapter_path", help="with --generate: an adapter directory or a full model")
     parser.add_argument("--out", help="output folder (default: <adapter>/generate_eval; with --compare: each "
                         "policy's own, plus the table in ./generate_compare)")
+    parser.add_argument("--overwrite", action="store_true", help="replace output folders even where they hold files "
+                        "gpo-trl did not write there (they are deleted)")
     parser.add_argument("policies", nargs="*", help="with --compare: the policies (adapter or model directories)")
     args = parser.parse_args(argv)
     if args.generate == args.compare:
@@ -270,16 +312,20 @@ def main(argv: list[str]) -> int:
     if args.generate:
         if not args.adapter_path or args.policies:
             raise ConfigError("`--generate` evaluates one policy: give `--adapter_path DIR` (and no other paths).")
-        summaries = [evaluate_generation(args.adapter_path, settings, args.out)]
-        where = Path(args.out or Path(args.adapter_path) / "generate_eval")
+        summaries = [evaluate_generation(args.adapter_path, settings, args.out, args.overwrite)]
+        where = output_folder(args.adapter_path, args.out)
     else:
         policies = args.policies + ([args.adapter_path] if args.adapter_path else [])
         if not policies:
             raise ConfigError("`--compare` needs the policies to compare: `--compare DIR1 DIR2 ...`.")
-        summaries = [evaluate_generation(p, settings) for p in policies]
         where = Path(args.out or "generate_compare")
-        where.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(where / "compare.json", json.dumps(summaries, indent=2))
+        for policy in policies:  # all of them before the first is sampled
+            check_policy(policy, settings.model)
+            check_output_dir(output_folder(policy, None), overwrite=args.overwrite)
+        check_output_dir(where, overwrite=args.overwrite)
+        summaries = [evaluate_generation(p, settings, overwrite=args.overwrite) for p in policies]
+        with replace_dir(where, "evaluate --compare", overwrite=args.overwrite) as staging:
+            (staging / "compare.json").write_text(json.dumps(summaries, indent=2))
     print(format_table(summaries))
     print(f"Samples and summaries written to {where if args.generate else ', '.join(s['policy'] for s in summaries)}"
           + ("" if args.generate else f"; table in {where / 'compare.json'}"))

@@ -9,7 +9,8 @@
   (see `loss_scale_explains`).
 - SIGTERM / SIGINT (a preempted or cancelled job): the current step finishes, a checkpoint is saved, training stops,
   and the recipe exits with a message that says how to resume.
-- Small result files (metrics, run records, sweep tables, demo data) are written with `write_text_atomic`.
+- Small result files (metrics, run records, sweep tables, demo data) are written with `write_text_atomic`
+  (gpo_trl.atomic, which also replaces multi-file outputs as a whole).
 - `resume_from_checkpoint: last` picks the newest *complete* checkpoint: one whose `trainer_state.json`, the last
   file transformers writes, exists. A checkpoint cut short by a crash is never resumed from.
 """
@@ -19,10 +20,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from .atomic import write_text_atomic  # noqa: F401  (its old home; gpo_trl.atomic holds the write helpers)
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -130,15 +132,6 @@ class LossScaleCallback(TrainerCallback):
         self.overflows += self._overflowed()
         self.metrics["gpo/loss_scale"] = [scale]
         self.metrics["gpo/loss_scale_overflows"] = [self.overflows]
-
-
-def write_text_atomic(path: Path, text: str):
-    """Write to a temporary name, then rename: a crash never leaves a half file that a later run would trust."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

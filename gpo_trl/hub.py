@@ -89,7 +89,7 @@ def push_output_dir(output_dir: str, hub_model_id: str, private: bool | None = N
     try:
         repo = api.create_repo(hub_model_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), revision=revision,
-                          ignore_patterns=["_*", "checkpoint-*", "checkpoint-*/**"],
+                          ignore_patterns=["_*", "checkpoint-*", "checkpoint-*/**", ".gpo-*"],
                           commit_message="Upload GPO-trained model with gpo_trl")
     except Exception as err:  # network, auth, offline mode, rate limits: all leave the local files alone
         raise push_failure(output_dir, hub_model_id, err) from err

@@ -86,6 +86,9 @@ def make_judge(spec) -> Judge:
         reward = REGISTERED.get(name) or Registered(_import(name, "Reward function"), batched=True)
         return Judge(kind, str(name), {"weight": float(weight), "kwargs": dict(spec.get("kwargs") or {}),
                                        "batch_size": batch_size}, reward)
+    from .inputs import check_model_source
+
+    check_model_source(str(name), "`judge.reward_model`")  # now, not after the sampling
     return Judge(kind, str(name), {"batch_size": batch_size})
 
 

@@ -6,20 +6,25 @@
 3. Log-probs of a few fixed probe texts are taken with the adapter on the base; PEFT's `merge_and_unload` folds
    the adapter into the weights; the merged model's log-probs must equal the first ones within a tolerance
    (float32: 1e-5 per token), or nothing is written.
-4. The merged model, tokenizer and a model card (the run's GPO settings and the merge) are saved into a staging
-   folder and moved into OUT file by file with atomic renames, as `gpo-trl train` saves.
+   Before that, the base is checked against the one the adapter was trained on (gpo_run.json's `base_model`: the
+   shape-defining config values before any weight loads, then a sample of the input embedding):
+   `--allow_different_base` merges anyway.
+4. The merged model, tokenizer, a model card (the run's GPO settings and the merge) and gpo_merge.json are built in
+   a sibling folder and swapped in as a whole (gpo_trl.atomic.replace_dir): a kill at any moment leaves the earlier
+   merge or the new one, and the same command then runs again. OUT must be new, empty or an earlier merge's output
+   holding only what gpo-trl wrote there; `--overwrite` replaces anything else.
 5. With `--push_to_hub`, OUT is pushed like a trained run; a failed push leaves OUT intact and says how to retry.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .recipe import ConfigError
+from .atomic import check_output_dir, fault_point, recover, replace_dir
+from .errors import BaseMismatchError, ConfigError
+from .inputs import check_model_source
 
 # Largest accepted |merged - adapter-on-base| per-token log-prob difference. float32: exact up to rounding
 # (measured once: 9.5e-7 on the tiny demo model after 6 steps). Half precisions round the merged weights W + BA to
@@ -50,43 +55,69 @@ class MergeCheck:
     tolerance: float
 
 
-def check_inputs(adapter_path: str, output_dir: str, dtype: str, push_to_hub: bool, hub_model_id: str | None) -> dict:
+def check_inputs(adapter_path: str, output_dir: str, dtype: str, push_to_hub: bool, hub_model_id: str | None,
+                 tolerance: float | None = None, overwrite: bool = False, allow_different_base: bool = False) -> dict:
     """Everything that can be wrong before a model loads; returns the adapter's PEFT config."""
     adapter = Path(adapter_path)
+    recover(adapter)  # a training run killed while swapping in its final save: its previous output comes back
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter_path} holds no adapter_config.json: `--adapter_path` must be the output_dir of a "
                           "LoRA/QLoRA run (a full fine-tune is already a standalone model).")
     if dtype not in TOLERANCES:
         raise ConfigError(f"`--dtype {dtype}` is not supported; choose one of {sorted(TOLERANCES)}.")
+    if tolerance is not None and not tolerance > 0:  # `not >` so that NaN is refused too
+        raise ConfigError(f"`--tolerance` must be a number > 0, got {tolerance:g}.")
     if Path(output_dir).resolve() == adapter.resolve():
         raise ConfigError("`--output_dir` must differ from `--adapter_path`: the merged model is a separate model.")
-    out = Path(output_dir)
-    if out.is_dir() and any(out.iterdir()) and not (out / "gpo_merge.json").is_file():
-        raise ConfigError(f"{output_dir} exists and is not an earlier merge's output (no gpo_merge.json): choose an "
-                          "empty or new `--output_dir`, so that no other model's files get mixed into it.")
+    recover(Path(output_dir))
+    check_output_dir(Path(output_dir), overwrite=overwrite, what="`--output_dir`")
     if push_to_hub and not hub_model_id:
         raise ConfigError("`--push_to_hub` needs `--hub_model_id ORG/NAME`.")
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except ValueError as err:
+        raise ConfigError(f"{adapter / 'adapter_config.json'} is not valid JSON ({err}).") from None
     if config.get("peft_type") != "LORA":
         raise ConfigError(f"Only LoRA adapters can be merged; {adapter_path} holds a {config.get('peft_type')} one.")
+    base = config.get("base_model_name_or_path")
+    check_model_source(base, f"The adapter's base model (base_model_name_or_path in {adapter / 'adapter_config.json'})")
+    recorded = run_record(adapter_path).get("base_model")
+    if recorded and not allow_different_base:
+        from transformers import AutoConfig
+
+        differences = shape_differences_of(recorded, AutoConfig.from_pretrained(base))
+        if differences:
+            raise BaseMismatchError(f"The base model {base} does not have the shape of the one {adapter_path} was "
+                                    f"trained on ({'; '.join(differences)}): the adapter cannot be merged into it.")
     return config
+
+
+def shape_differences_of(recorded: dict, config) -> list[str]:
+    from .base_identity import shape_differences
+
+    return shape_differences(recorded.get("config", {}), config)
 
 
 def run_record(adapter_path: str) -> dict:
     """The training run's gpo_run.json (loss, beta, effective beta, datasets, quantization), or {} for another tool's
     adapter."""
     path = Path(adapter_path) / "gpo_run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}): rerun the training, or remove the file to merge "
+                          "without the run's record.") from None
 
 
 def merge_adapter(adapter_path: str, output_dir: str, dtype: str = "float32", tolerance: float | None = None,
                   push_to_hub: bool = False, hub_model_id: str | None = None, private: bool | None = None,
-                  log=print) -> MergeCheck:
+                  log=print, overwrite: bool = False, allow_different_base: bool = False) -> MergeCheck:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    peft_config = check_inputs(adapter_path, output_dir, dtype, push_to_hub, hub_model_id)
+    peft_config = check_inputs(adapter_path, output_dir, dtype, push_to_hub, hub_model_id, tolerance, overwrite,
+                               allow_different_base)
     record = run_record(adapter_path)
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     base_name = peft_config["base_model_name_or_path"]
@@ -97,7 +128,15 @@ def merge_adapter(adapter_path: str, output_dir: str, dtype: str = "float32", to
     tokenizer = AutoTokenizer.from_pretrained(adapter_path if (Path(adapter_path) / "tokenizer_config.json").is_file()
                                               else base_name)
     base = AutoModelForCausalLM.from_pretrained(base_name, dtype=getattr(torch, dtype))
-    model = PeftModel.from_pretrained(base, adapter_path)
+    check_same_base(base, record.get("base_model"), base_name, adapter_path, allow_different_base)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_path)
+    except RuntimeError as err:  # an adapter without our record, onto a base of another shape
+        if "size mismatch" not in str(err):
+            raise
+        raise BaseMismatchError(f"The adapter {adapter_path} does not fit the base model {base_name} (another "
+                                f"shape: {str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})"
+                                ".") from None
     model.eval()
     batch = probe_batch(tokenizer)
     with torch.no_grad():
@@ -114,7 +153,7 @@ def merge_adapter(adapter_path: str, output_dir: str, dtype: str = "float32", to
                          f"(> {tolerance:g}): nothing was written to {output_dir}. A half-precision merge rounds the "
                          "weights; merge in float32 (`--dtype float32`) or raise `--tolerance` if that is expected.")
     card = model_card(adapter_path, base_name, dtype, check, record, hub_model_id)
-    save_atomically(merged, tokenizer, card, check, dtype, adapter_path, Path(output_dir))
+    save_atomically(merged, tokenizer, card, check, dtype, adapter_path, Path(output_dir), overwrite)
     log(f"Merged model written to {output_dir}")
     if push_to_hub:
         from .hub import push_output_dir
@@ -144,22 +183,29 @@ def token_log_probs(model, batch):
     return log_probs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
 
 
-def save_atomically(model, tokenizer, card: str, check: MergeCheck, dtype: str, adapter_path: str, output_dir: Path):
-    """Save into OUT/.gpo-merging, then rename each file into OUT: an interrupted save never leaves half a model."""
-    staging = output_dir / ".gpo-merging"
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an earlier crash
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "README.md").write_text(card)
-    record = {"adapter_path": str(adapter_path), "dtype": dtype, "check": check.__dict__}
-    (staging / "gpo_merge.json").write_text(json.dumps(record, indent=2))
-    for item in sorted(staging.iterdir()):
-        target = output_dir / item.name
-        if item.is_dir() and target.exists():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
+def check_same_base(base, recorded: dict | None, base_name: str, adapter_path: str, allow: bool):
+    """The loaded base must be the model the adapter was trained on (its embedding sample, see base_identity)."""
+    from .base_identity import same_weights
+
+    if allow or not recorded or same_weights(recorded.get("embedding_sample"), base) is not False:
+        return
+    raise BaseMismatchError(f"The base model {base_name} is not the model {adapter_path} was trained on (trained on "
+                            f"{recorded.get('name_or_path')}; their input embeddings differ): merging would give a "
+                            "model nobody trained. Point the adapter at its base, or pass `--allow_different_base`.")
+
+
+def save_atomically(model, tokenizer, card: str, check: MergeCheck, dtype: str, adapter_path: str, output_dir: Path,
+                    overwrite: bool = False):
+    """Build the whole output in a sibling folder, then swap it in (gpo_trl.atomic.replace_dir): an interrupted save
+    leaves the previous output or the new one, never half a model."""
+    with replace_dir(output_dir, "merge", overwrite=overwrite, what="`--output_dir`") as staging:
+        model.save_pretrained(staging)
+        fault_point("saved model")
+        tokenizer.save_pretrained(staging)
+        fault_point("saved tokenizer")
+        (staging / "README.md").write_text(card)
+        record = {"adapter_path": str(adapter_path), "dtype": dtype, "check": check.__dict__}
+        (staging / "gpo_merge.json").write_text(json.dumps(record, indent=2))
 
 
 def model_card(adapter_path: str, base_name: str, dtype: str, check: MergeCheck, record: dict,

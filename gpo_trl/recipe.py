@@ -9,8 +9,10 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +21,14 @@ import yaml
 from accelerate import PartialState
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from .atomic import check_output_dir, fault_point, read_marker, recover, replace_dir, write_marker
+from .base_identity import base_identity
 from .config import GPOConfig
 from .data import DataArguments
 from .errors import ConfigError, DataError
-from .guards import NonFiniteError, last_complete_checkpoint, write_text_atomic
+from .guards import NonFiniteError, last_complete_checkpoint
 from .hub import PushError
+from .inputs import check_model_source
 
 
 @dataclass
@@ -40,6 +45,14 @@ class GPOScriptArguments(ScriptArguments):
     eval_before_training: bool = field(
         default=False,
         metadata={"help": "Evaluate on the test split before training too, for a before/after summary."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an `output_dir` that holds files gpo-trl did not write (no `.gpo-trl` marker). "
+            "Without it such a folder is refused, naming its files; a folder of an earlier gpo-trl run is reused "
+            "(resumed from with `resume_from_checkpoint: last`, its final model replaced)."
+        },
     )
     ref_model_name_or_path: str | None = field(
         default=None,
@@ -142,12 +155,18 @@ def main(script_args, training_args, model_args, dataset_args):
             f"{launched} processes were launched but each sees world size 1, so each would train alone and write "
             f"the same output_dir. On a machine without GPUs set `use_cpu: true` (DDP over gloo)."
         )
+    claim_output_dir(training_args.output_dir, script_args.overwrite_output_dir)
     if script_args.prepare_demo_assets:
         from .demo import prepare_demo_assets
 
         with PartialState().main_process_first():  # rank 0 writes, the others then read
             prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
 
+    # (a tokenizer alone is enough to reach the data checks, which come first)
+    check_model_source(model_args.model_name_or_path, "`model_name_or_path`", adapter_ok=True,
+                       files=("config.json", "tokenizer_config.json"))
+    if script_args.ref_model_name_or_path is not None:
+        check_model_source(script_args.ref_model_name_or_path, "`ref_model_name_or_path`", adapter_ok=True)
     # Tokenizer and data first: every row is checked before the (expensive) model is loaded.
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                               trust_remote_code=training_args.trust_remote_code)
@@ -166,6 +185,7 @@ def main(script_args, training_args, model_args, dataset_args):
         peft_config=get_peft_config(model_args),
     )
     trainer.dataset_names = dataset_names(script_args, dataset_args)
+    trainer.base_identity = base_identity(trainer.model, model_args.model_name_or_path)  # before training changes it
     if script_args.ignore_bias_buffers:
         ignore_bool_buffers(trainer.model)
     if model_args.load_in_4bit:
@@ -178,9 +198,7 @@ def main(script_args, training_args, model_args, dataset_args):
         raise Interrupted(trainer)
     after = trainer.evaluate() if eval_dataset is not None else None
 
-    save_final(trainer, training_args.output_dir)
-    trainer.create_model_card(dataset_name=", ".join(trainer.dataset_names))  # replaces PEFT's generic card
-    write_run_record(trainer, before, after)
+    save_final(trainer, training_args.output_dir, before, after)
     trainer.accelerator.print(format_summary(trainer, before, after))
     if training_args.push_to_hub:
         push(trainer)
@@ -213,33 +231,76 @@ def load_reference(script_args, training_args, model_args):
     return reference.eval()
 
 
-def save_final(trainer, output_dir: str):
-    """Save the model or adapter into a staging folder, then move each file into output_dir with an atomic rename:
-    a crash or a full disk mid-save leaves the previous files whole (never a half-written adapter).
+_LEGACY_RUN = re.compile(r"^(gpo_run\.json|checkpoint-\d+)$")
 
+
+def check_training_output_dir(output_dir: str, overwrite: bool):
+    """Train only into a folder gpo-trl made (its `.gpo-trl` marker; an older version's gpo_run.json or
+    checkpoint-N), a new or empty one, or with `overwrite_output_dir`. Read-only: `gpo-trl train` calls it before
+    launching anything."""
+    path = Path(output_dir)
+    legacy = path.is_dir() and read_marker(path) is None and any(_LEGACY_RUN.match(p.name) for p in path.iterdir())
+    check_output_dir(path, overwrite=overwrite or legacy, flag="--overwrite_output_dir true", strict=False,
+                     what="`output_dir`")
+
+
+def claim_output_dir(output_dir: str, overwrite: bool):
+    """Check output_dir (above), then mark it as gpo-trl's. First undoes a final save that a kill cut between its
+    two renames (gpo_trl.atomic), so that `resume_from_checkpoint: last` finds the checkpoints."""
+    state = PartialState()
+    path = Path(output_dir)
+    if state.is_main_process:
+        recover(path)
+    state.wait_for_everyone()
+    check_training_output_dir(output_dir, overwrite)
+    state.wait_for_everyone()
+    if state.is_main_process and read_marker(path) is None:
+        path.mkdir(parents=True, exist_ok=True)
+        write_marker(path, "train", [])
+
+
+def save_final(trainer, output_dir: str, before: dict | None, after: dict | None):
+    """The final model or adapter, its card and gpo_run.json replace the previous ones as a whole: everything is
+    built in a sibling folder, next to hard links of the rest of output_dir (checkpoints, logs, the user's files),
+    and swapped in (gpo_trl.atomic.replace_dir). A kill or a full disk mid-save leaves the previous output.
+
+    Every process takes part in `save_model` (FSDP/ZeRO-3 gather the weights); the main process builds and swaps.
     `_internal_call=True`: Trainer.save_model would otherwise push to the Hub right away, before the card is written
     and outside our retry handling.
     """
-    staging = Path(output_dir) / ".gpo-saving"
+    model_dir = Path(output_dir) / ".gpo-saving"
     if trainer.accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)  # leftovers of an earlier crash
+        shutil.rmtree(model_dir, ignore_errors=True)  # leftovers of an earlier crash
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging), _internal_call=True)
+    trainer.save_model(str(model_dir), _internal_call=True)
     if trainer.accelerator.is_main_process:
-        for item in sorted(staging.iterdir()):
-            target = Path(output_dir) / item.name
-            if item.is_dir() and target.exists():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        staging.rmdir()
+        previous = set((read_marker(Path(output_dir)) or {}).get("files", []))
+        keep = lambda name: name not in previous and name != model_dir.name  # noqa: E731
+        with replace_dir(Path(output_dir), "train", strict=False, overwrite=True, carry=keep,
+                         what="`output_dir`") as staging:
+            for item in model_dir.iterdir():
+                os.replace(item, staging / item.name)
+            fault_point("saved model")
+            with _output_dir(trainer, staging):
+                trainer.create_model_card(dataset_name=", ".join(trainer.dataset_names))  # replaces PEFT's card
+            fault_point("wrote card")
+            write_run_record(trainer, before, after, staging / "gpo_run.json")
     trainer.accelerator.wait_for_everyone()
 
 
-def write_run_record(trainer, before: dict | None, after: dict | None):
-    """output_dir/gpo_run.json: the run's final metrics (last logged training values, then the held-out evaluation)
-    and its loss settings, for sweeps and scripts. Written atomically by the main process."""
-    if not trainer.accelerator.is_main_process:
-        return
+@contextmanager
+def _output_dir(trainer, path: Path):
+    """Point the trainer's output_dir at the staging folder while TRL writes the card there."""
+    saved, trainer.args.output_dir = trainer.args.output_dir, str(path)
+    try:
+        yield
+    finally:
+        trainer.args.output_dir = saved
+
+
+def write_run_record(trainer, before: dict | None, after: dict | None, path: Path):
+    """gpo_run.json: the run's final metrics (last logged training values, then the held-out evaluation), its loss
+    settings and its base model's identity (checked by `gpo-trl merge`), for sweeps and scripts."""
     from .hub import final_metrics
 
     metrics = {k: v for entry in trainer.state.log_history for k, v in entry.items()
@@ -252,8 +313,9 @@ def write_run_record(trainer, before: dict | None, after: dict | None):
         "8-bit" if getattr(model, "is_loaded_in_8bit", False) else None)
     record = {"gpo_loss": trainer.args.gpo_loss, "beta": trainer.args.beta, "effective_beta": trainer.beta,
               "datasets": trainer.dataset_names, "quantization": quantization,  # read by `gpo-trl merge`
-              "steps": trainer.state.global_step, "metrics": metrics}
-    write_text_atomic(Path(trainer.args.output_dir) / "gpo_run.json", json.dumps(record, indent=2))
+              "steps": trainer.state.global_step, "metrics": metrics,
+              "base_model": getattr(trainer, "base_identity", None)}
+    Path(path).write_text(json.dumps(record, indent=2))
 
 
 class Interrupted(RuntimeError):
@@ -307,6 +369,7 @@ def evaluate_adapter(adapter_path: str, script_args, training_args, model_args, 
     from .data import build_datasets, summarize
     from .trainer import GPOTrainer
 
+    check_model_source(adapter_path, "`--adapter_path`", adapter_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(adapter_path)
     _, eval_dataset, reports = build_datasets(script_args, dataset_args, tokenizer, training_args.max_length,
                                               seed=training_args.seed)

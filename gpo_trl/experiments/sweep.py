@@ -31,14 +31,14 @@ import csv
 import io
 import itertools
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..guards import write_text_atomic
+from ..atomic import write_bytes_atomic, write_text_atomic
+from ..errors import DataError
 from ..recipe import ConfigError, parse_args, read_yaml_file
 
 _KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots", "evaluate_generate"}
@@ -172,12 +172,31 @@ def collect_points(sweep: Sweep) -> tuple[list[dict], list[str]]:
 
 def collect(point: dict, point_dir: Path) -> dict:
     """The point's settings plus the run's final metrics (gpo_run.json, written by the recipe)."""
-    run = json.loads((point_dir / "gpo_run.json").read_text())
-    return {**point, **run["metrics"], "output_dir": str(point_dir)}
+    path = point_dir / "gpo_run.json"
+    try:
+        metrics = json.loads(path.read_text())["metrics"]
+        if not isinstance(metrics, dict):
+            raise TypeError("`metrics` is not a mapping")
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path} is not a finished run's record ({type(err).__name__}: {err}); rerun the point with "
+                        f"`gpo-trl sweep --config ... --point INDEX`, or delete {point_dir} to start it over.") from None
+    return {**point, **metrics, "output_dir": str(point_dir)}
+
+
+def read_result(path: Path) -> dict:
+    try:
+        row = json.loads(path.read_text())
+        if not isinstance(row, dict):
+            raise TypeError("not a mapping")
+        return row
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{path} is not a point's result ({type(err).__name__}: {err}); delete it and run "
+                        f"`gpo-trl sweep --config ... --collect` again to rebuild it from the point's gpo_run.json.") \
+            from None
 
 
 def write_tables(sweep: Sweep) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted(sweep.output_dir.glob("*/result.json"))]
+    rows = [read_result(p) for p in sorted(sweep.output_dir.glob("*/result.json"))]
     write_text_atomic(sweep.output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
@@ -208,10 +227,10 @@ def draw(rows: list[dict], sweep: Sweep, plot: dict) -> Path:
 
     figure = plot_figure(rows, sweep, plot)
     path = sweep.output_dir / f"plot_{_slug(plot['y'])}_vs_{_slug(plot['x'])}.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=120, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 
