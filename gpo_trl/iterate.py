@@ -45,7 +45,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -398,27 +397,14 @@ def train_round(plan: IteratePlan, k: int, recipe: Path):
 def merge_round(start: str, adapter_dir: Path, policy_dir: Path, dtype: str) -> tuple[str, dict]:
     """(the round's policy as a full model, what its merge measured): the LoRA adapter merged into the round's
     starting model through `gpo-trl merge` (checked: merged vs adapter-on-base log-probs within the dtype's
-    tolerance), in a staging folder that then replaces `policy_dir` whole. A full fine-tune's output already is one."""
+    tolerance), which replaces `policy_dir` as a whole (gpo_trl.atomic; round.json, written after this, decides what
+    a rerun trusts). A full fine-tune's output already is one."""
     if not (adapter_dir / "adapter_config.json").is_file():
         return str(adapter_dir), {}
     from .merge import merge_adapter
 
-    staging = policy_dir.with_name(f".{policy_dir.name}.merging")
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted merge
-    check = merge_adapter(str(adapter_dir), str(staging), dtype=dtype)
-    replace_directory(staging, policy_dir)
+    check = merge_adapter(str(adapter_dir), str(policy_dir), dtype=dtype, overwrite=True)
     return str(policy_dir), {"merge_dtype": dtype, "merge_max_abs_logp_diff": check.max_abs_diff}
-
-
-def replace_directory(staging: Path, target: Path):
-    """Put a complete folder in place of `target` with renames only: at any moment `target` is the old folder, the
-    new one, or absent with the old one kept aside (round.json, written after this, decides what a rerun trusts)."""
-    aside = target.with_name(f".{target.name}.old")
-    shutil.rmtree(aside, ignore_errors=True)
-    if target.exists():
-        os.replace(target, aside)
-    os.replace(staging, target)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def round_row(k: int, sampling: dict, round_dir: Path, policy: str, sample_s: float, train_s: float) -> dict:
