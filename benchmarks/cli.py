@@ -92,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 (toy), bfloat16 (others)")
     parser.add_argument("--vocab_size", type=int, help="BPE target (default 1024 toy, 32000 others)")
     parser.add_argument("--tokenizer_corpus", help="hh-rlhf JSONL(.gz) to train the BPE on (default: the benchmark "
-                        "rows; realistic scales: the shared 2312-row sample when present)")
+                        "rows; realistic scales: tests/data's 300-row hh-rlhf sample)")
     parser.add_argument("--layout_settings", nargs="+", choices=["lora", "full"],
                         help="fine-tuning settings of the layouts part (default: lora; realistic scales: lora full)")
     parser.add_argument("--markdown", help="write the layout tables as markdown here (e.g. docs/benchmark-gpu.md)")

@@ -5,7 +5,7 @@ markdown report of a run (`--markdown`).
 
 `--scale qwen2.5-0.5b` (or `qwen2.5-1.5b`) builds the model from that model's config shape with random weights
 (nothing is downloaded), its real 151936-row LM head, a byte-level BPE trained on the hh-rlhf sample
-(`--tokenizer_corpus`, default: the shared 2312-row sample when the checkout has it; target `--vocab_size` 32000, the
+(`--tokenizer_corpus`, default: the 300-row hh-rlhf sample in tests/data; target `--vocab_size` 32000, the
 size reached is reported), batch 8, max_length 1024, bfloat16, and the `layouts` part (layouts.py) for LoRA and full
 fine-tuning; an explicit command-line value always wins. `toy` is the CPU benchmark's shape. `--markdown FILE` writes
 the layout tables with the device, the versions (`environment`, also in the JSON) and the exact command.
@@ -22,9 +22,8 @@ from transformers.utils import is_flash_attn_2_available
 
 from . import REPO
 
-# The full hh-rlhf sample (2312 rows) where the checkout has the shared data next to it, for the realistic tokenizer
-SHARED_CORPUS = [REPO / "shared" / "data" / "hh_rlhf_harmless_base" / "test.jsonl.gz",
-                 REPO.parent / "shared" / "data" / "hh_rlhf_harmless_base" / "test.jsonl.gz"]
+# The hh-rlhf sample the repository ships (300 rows), the realistic tokenizer's default training text
+DEFAULT_CORPUS = REPO / "tests" / "data" / "hh_rlhf_harmless_base_head300.jsonl"
 # Model shapes (from the public configs of these models; random weights). `toy` is the CPU benchmark's.
 SCALES = {
     "toy": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -53,7 +52,7 @@ def resolve_defaults(args, argv: list[str], parser):
             if key not in given:
                 setattr(args, key[2:], value)
         if args.tokenizer_corpus is None:
-            args.tokenizer_corpus = next((str(p) for p in SHARED_CORPUS if p.exists()), None)
+            args.tokenizer_corpus = str(DEFAULT_CORPUS)
     args.dtype = args.dtype or ("bfloat16" if realistic else "float32")
     args.vocab_size = args.vocab_size or (32000 if realistic else 1024)
     args.layout_settings = args.layout_settings or (["lora", "full"] if realistic else ["lora"])

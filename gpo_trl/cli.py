@@ -60,7 +60,7 @@ def accelerate_launch_args(launch: list[str]) -> list[str]:
     num_processes = options.get("--num_processes")
     if num_processes is not None and int(num_processes) > 1 and config is None:
         # Without a config file, several processes need --multi_gpu; with `use_cpu: true` in the recipe this is DDP
-        # over gloo on the CPU (`--cpu` would start a single process, see shared/reference/measured.md).
+        # over gloo on the CPU (`--cpu` would start a single process: measured, accelerate 1.16).
         args.append("--multi_gpu")
     for name, value in options.items():
         args += [name, value]

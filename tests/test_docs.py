@@ -21,7 +21,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # docs/_pending is not a page
 TAG = re.compile(r"^<!--\s*(not-run|file)\s*:?\s*(.*?)\s*-->$")
 LANGUAGES = {"bash", "console", "yaml", "python", "text", ""}
-TOP_DIRS = ("configs/", "scripts/", "tests/", "docs/", "gpo_trl/", ".ci/")
+TOP_DIRS = ("configs/", "scripts/", "tests/", "docs/", "gpo_trl/", "benchmarks/", ".ci/")
 # Flags whose value is something the command writes, not a file the repository must ship.
 OUTPUT_FLAGS = {"--out", "--output_dir", "--json", "--record", "--markdown", "--metrics_file", "--emit-slurm"}
-# Not-run blocks that name a file another issue ships: their paths are checked once the tag is switched to `file:`.
-PENDING_FILE = "file shipped by issue"
 
 
 @dataclass
@@ -135,30 +132,16 @@ def named_paths(command_text: str) -> list[str]:
     return paths
 
 
-def pending(block: Block) -> bool:
-    return block.tag == "not-run" and block.tag_value.startswith(PENDING_FILE)
-
-
 def command_text(block: Block) -> str:
     if block.language == "console":
         return "\n".join(line[2:] for line in block.text.split("\n") if line.startswith("$ "))
     return block.text
 
 
-@pytest.mark.parametrize("block", [p for p in blocks_of("bash", "console") if not pending(p.values[0])])
+@pytest.mark.parametrize("block", blocks_of("bash", "console"))
 def test_named_paths_exist(block):
     missing = [p for p in named_paths(command_text(block)) if not (REPO / p).exists()]
     assert not missing, f"{block.id}: names {missing}, which the repository does not have"
-
-
-@pytest.mark.parametrize("block", [pytest.param(b, id=b.id) for b in BLOCKS if pending(b)])
-def test_pending_file_blocks_are_still_pending(block):
-    """A block waiting for a file another issue ships names that file; once it is in the repository the tag is
-    stale and this fails: make the block a checked one (`<!-- file: PATH -->` for a config, no tag for a cheap
-    command, or a not-run reason that is not about the file)."""
-    named = named_paths(block.text)
-    assert named, f"{block.id}: waits for a file but names none under {TOP_DIRS}"
-    assert not all((REPO / p).exists() for p in named), f"{block.id}: {named} exist now; update the tag"
 
 
 def test_named_paths_finds_paths():
