@@ -105,8 +105,11 @@ def test_two_machines_of_one_process_match_one_process_with_batch_2b(one_process
     for machine, (_, err) in zip(machines, outputs):
         assert machine.returncode == 0, err[-3000:]
     assert "world size 2 (MULTI_CPU)" in outputs[0][0]
-    for rank in (0, 1):  # each node computed and kept its own reference log-probs
-        assert list((tmp_path / f"node{rank}" / "ref_logps").rglob("*.arrow")), rank
+    # rank 0 computed and cached the reference log-probs on its node, sees that machine 1 cannot read them, says
+    # so, and sends them over (gpo_trl.trainer._precompute_ref_logps)
+    assert list((tmp_path / "node0" / "ref_logps").glob("*.arrow"))
+    assert not (tmp_path / "node1" / "ref_logps").exists()
+    assert "is not shared: rank 1 cannot see" in outputs[0][1]
     history = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     logs_two = [e for e in history if "loss" in e]
     assert len(logs_one) == len(logs_two) == 2
