@@ -31,8 +31,9 @@ install_packages() {
     command -v apt-get >/dev/null || fail "slurm-wlm/munge are not installed and there is no apt-get to install them"
     say "installing slurm-wlm and munge with apt-get"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq slurm-wlm munge >"$DIR/apt.log" 2>&1 \
-        || { apt-get update -qq >>"$DIR/apt.log" 2>&1 && apt-get install -y -qq slurm-wlm munge >>"$DIR/apt.log" 2>&1; } \
+    local log=$DIR/apt.log
+    apt-get install -y -qq slurm-wlm munge >"$log" 2>&1 \
+        || { apt-get update -qq >>"$log" 2>&1 && apt-get install -y -qq slurm-wlm munge >>"$log" 2>&1; } \
         || fail "apt-get install slurm-wlm munge failed; see $DIR/apt.log"
 }
 
