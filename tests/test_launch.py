@@ -1,10 +1,10 @@
 """configs/launch/slurm.sbatch under a fake 2-node allocation, and the `--` passthrough of `gpo-trl train`.
 
-The one-node SLURM of the tests (tests/test_slurm.py) cannot give a job two nodes, so here `scontrol` and `srun` are
-stubs on PATH: `scontrol show hostnames` prints the two nodes, `srun` runs its command once per node with
-SLURM_NODEID set, and `gpo-trl` is a stub that prints its arguments. The arguments each node would run are then read
-by the real `gpo-trl train` argument handling and accelerate's own `launch` parser. What the script does on a TERM
-(preemption, time limit, requeue) is tested on the real cluster, in tests/test_slurm.py."""
+A 2-node x 8-GPU allocation exists on no machine of the tests, so here `scontrol` and `srun` are stubs on PATH:
+`scontrol show hostnames` prints the two nodes, `srun` runs its command once per node with SLURM_NODEID set, and
+`gpo-trl` is a stub that prints its arguments. The arguments each node would run are then read by the real `gpo-trl
+train` argument handling and accelerate's own `launch` parser. What the script does on a TERM (preemption, time
+limit, requeue), and a real 2-node job, are tested on a real SLURM in tests/test_slurm.py."""
 
 import json
 import os

@@ -27,8 +27,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 SBATCH = REPO / "configs" / "launch" / "slurm.sbatch"
 DEMO = str(REPO / "configs" / "demo.yaml")
-# 300 steps of 2 x 4 pairs, a checkpoint every 10: long enough (tens of seconds) to be interrupted mid-training
-RUN = ["--max_steps", "300", "--save_strategy", "steps", "--save_steps", "10", "--logging_steps", "50",
+# 500 steps of 2 x 4 pairs, a checkpoint every 10: the time-limit signal comes up to 30 s after the test shortens the
+# limit (slurmctld checks limits every 30 s), so a run lasts well over that here (5 to 7 steps/s measured), with
+# steps left for the interruptions after it
+RUN = ["--max_steps", "500", "--save_strategy", "steps", "--save_steps", "10", "--logging_steps", "50",
        "--eval_before_training", "false", "--per_device_train_batch_size", "4", "--lr_scheduler_type", "linear"]
 
 
@@ -120,14 +122,14 @@ def assert_same_adapter(a: Path, b: Path):
 
 
 def test_slurm_sbatch_checkpoints_requeues_and_resumes_on_a_real_cluster(slurm, tmp_path):
-    """One job, interrupted three times, each run in the same output_dir with --resume_from_checkpoint last:
+    """One job, interrupted four times, each run in the same output_dir with --resume_from_checkpoint last:
     (d) TERM to the batch shell before any checkpoint exists: requeued, starts fresh;
     (b) the time limit's own `--signal=B:TERM@N` (sent by slurmctld, not the test) after a checkpoint: the ranks
         checkpoint, exit 3, the script requeues, the next run resumes;
+    (a) TERM to the batch shell after a checkpoint (`scancel --signal=TERM --batch`, what preemption sends): the same;
     (c) `scontrol requeue` (what a node failure does) while training: SLURM requeues, the next run resumes from the
         last complete checkpoint.
-    The final adapter equals an uninterrupted job's, bit for bit. (a), TERM to the batch shell after a checkpoint
-    (`scancel --signal=TERM --batch`, what preemption sends), takes the path of (b) and is tested on the job array."""
+    The final adapter equals an uninterrupted job's, bit for bit."""
     prepare_demo_assets(tmp_path / "m", tmp_path / "d")
     env = {**slurm, "GPUS_PER_NODE": "2"}
     common = ["--nodes", "1", "--gpus-per-node", "0", "--chdir", tmp_path]
@@ -160,15 +162,22 @@ def test_slurm_sbatch_checkpoints_requeues_and_resumes_on_a_real_cluster(slurm, 
     assert text.count("SIGTERM received: passing it to the training processes") == 2
     assert "Training was interrupted after a checkpoint; requeueing job" in text, text[-3000:]
     assert "TIME LIMIT" not in text  # the job ended by itself, before the limit
-    saved = checkpoints(run)[-1]
+    timed_out = checkpoints(run)[-1]
     scontrol(env, "update", f"JobId={job_id}", "TimeLimit=30")
+
+    # (a) a newer checkpoint, then the TERM that preemption sends the batch shell: checkpoint, exit 3, requeue
+    wait_until(lambda: checkpoints(run)[-1] > timed_out, "a checkpoint after resuming", job_log=log)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], env=env, check=True)
+    restart_now(env, job_id, 3, log)
+    assert log.read_text().count("Training was interrupted after a checkpoint; requeueing job") == 2
+    preempted = checkpoints(run)[-1]
 
     # (c) a newer checkpoint, then `scontrol requeue`: SLURM ends the job (TERM to the script and the tasks, then
     # KILL after KillWait) and requeues it itself; the script does not requeue a second time
-    wait_until(lambda: checkpoints(run)[-1] > saved, "a checkpoint after resuming", job_log=log)
+    wait_until(lambda: checkpoints(run)[-1] > preempted, "a checkpoint after resuming", job_log=log)
     before_requeue = checkpoints(run)[-1]
     scontrol(env, "requeue", job_id)
-    restart_now(env, job_id, 3, log)
+    restart_now(env, job_id, 4, log)
     text = log.read_text()
     assert "not requeueing it here" in text, text[-3000:]
     newest = checkpoints(run)[-1]
@@ -180,7 +189,7 @@ def test_slurm_sbatch_checkpoints_requeues_and_resumes_on_a_real_cluster(slurm, 
                job_log=tmp_path / "reference.out")
     text = log.read_text()
     resumed = re.findall(r"Resuming from \S*checkpoint-(\d+)", text)
-    assert [int(step) for step in resumed] == [saved, newest], text[-3000:]
+    assert [int(step) for step in resumed] == [timed_out, preempted, newest], text[-3000:]
     assert_same_adapter(run, tmp_path / "reference")
 
 
