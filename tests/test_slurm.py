@@ -193,6 +193,19 @@ def test_slurm_sbatch_checkpoints_requeues_and_resumes_on_a_real_cluster(slurm, 
     assert_same_adapter(run, tmp_path / "reference")
 
 
+def test_a_cancelled_job_stays_cancelled(slurm, tmp_path):
+    """`scancel JOB` also sends the batch script a TERM; the script must not requeue a job its user cancelled."""
+    log = tmp_path / "job.out"
+    job_id = sbatch({**slurm, "GPUS_PER_NODE": "2", "MAIN_PORT": "29635"}, "--nodes", "1", "--gpus-per-node", "0",
+                    "--chdir", tmp_path, "--output", log, SBATCH, DEMO, "cpu_ddp", "--output_dir", tmp_path / "run")
+    wait_until(lambda: f"{job_id}.0" in subprocess.run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i"], env=slurm,
+                                                       capture_output=True, text=True).stdout, "the step started")
+    subprocess.run(["scancel", job_id], env=slurm, check=True)
+    wait_until(lambda: "not requeueing it here" in log.read_text(), "the script ended", job_log=log)
+    wait_until(lambda: job(slurm, job_id).get("JobState") == "CANCELLED", "the job cancelled", job_log=log)
+    assert job(slurm, job_id)["Restarts"] == "0"
+
+
 def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes(slurm, tmp_path, monkeypatch):
     """`gpo-trl sweep --emit-slurm` + sbatch: each point is an array task; one is sent the preemption TERM after a
     checkpoint, is requeued and resumes; `--collect` gives the numbers of a local sweep of the same grid."""
