@@ -6,6 +6,8 @@ marks the point finished. Points finished when the script is emitted are left ou
 meanwhile exits at once. DIR/points.tsv lists index, point and command. All points write under the sweep's
 output_dir and share its reference log-probs cache (output_dir/ref_logps): both must be on a filesystem that every
 node sees. `gpo-trl sweep --config S --collect` then rebuilds results.csv and the plots from the points' outputs.
+Each task asks for one GPU, none when every point's recipe sets `use_cpu`. An existing DIR/sweep.sbatch is kept
+unless `--overwrite`. A TERM to a task (preemption, time limit) is handled as configs/launch/slurm.sbatch does.
 """
 
 from __future__ import annotations
