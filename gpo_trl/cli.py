@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import os
 import signal
 import subprocess
@@ -315,10 +316,12 @@ def sweep(argv: list[str]) -> int:
                       "from its last checkpoint; what each task of the SLURM array runs")
     mode.add_argument("--collect", action="store_true", help="rebuild results.csv and the plots from the points' "
                       "outputs (after a SLURM array)")
+    parser.add_argument("--overwrite", action="store_true", help="with --emit-slurm: replace an existing "
+                        "DIR/sweep.sbatch (by default an existing one is an error)")
     args = parser.parse_args(argv)
     plan = load_sweep(args.config)  # every point is checked before the first one runs
     if args.emit_slurm:
-        return _emit_slurm(plan, args.config, args.emit_slurm)
+        return _emit_slurm(plan, args.config, args.emit_slurm, args.overwrite)
     if args.point is not None:
         return _sweep_point(plan, args.point)
     if args.collect:
@@ -333,15 +336,16 @@ def sweep(argv: list[str]) -> int:
     return 0
 
 
-def _emit_slurm(plan, config: str, directory: str) -> int:
+def _emit_slurm(plan, config: str, directory: str, overwrite: bool = False) -> int:
     from .experiments.slurm_array import emit_slurm_array
 
-    script = emit_slurm_array(plan, config, directory)
+    script = emit_slurm_array(plan, config, directory, overwrite)
     if script is None:
         print(f"Every point of {config} is finished; nothing to submit. `gpo-trl sweep --config {config} --collect` "
               "rebuilds the table and plots.")
     else:
-        print(f"Wrote {script} (points and commands: {script.parent / 'points.tsv'}). Submit with: sbatch {script}")
+        print(f"Wrote {script} (points and commands: {script.parent / 'points.tsv'}). Submit with: "
+              f"sbatch {shlex.quote(str(script))}")
     return 0
 
 

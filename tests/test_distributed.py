@@ -71,3 +71,51 @@ def test_processes_that_do_not_form_a_group_are_refused(tmp_path):
     assert result.returncode != 0
     assert "2 processes were launched but each sees world size 1" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_machines_of_one_process_match_one_process_with_batch_2b(one_process, tmp_path):
+    """What configs/launch/slurm.sbatch runs on each of 2 nodes: `gpo-trl train --num_machines 2 --machine_rank R
+    --main_process_ip HOST ...`, here both "machines" on this host, one process each, each with its own node-local
+    reference log-probs cache. Same standard as the 2-process test above."""
+    import socket
+    import subprocess
+
+    from conftest import console_script
+
+    root, (out_one, logs_one, weights_one) = one_process
+    os.symlink(root / "assets", tmp_path / "assets")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    machines = [subprocess.Popen(
+        [console_script("gpo-trl"), "train", "--config", DEMO, *demo_paths(tmp_path)[:-1], str(tmp_path / "two"), *SGD,
+         "--per_device_train_batch_size", "4", "--precompute_ref_log_probs", "true",
+         "--ref_logps_cache_dir", str(tmp_path / f"node{rank}" / "ref_logps"), "--accelerate_config", "cpu_ddp",
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True) for rank in (0, 1)]
+    try:
+        outputs = [machine.communicate(timeout=300) for machine in machines]
+    finally:
+        for machine in machines:
+            if machine.poll() is None:
+                os.killpg(machine.pid, 9)
+    for machine, (_, err) in zip(machines, outputs):
+        assert machine.returncode == 0, err[-3000:]
+    assert "world size 2 (MULTI_CPU)" in outputs[0][0]
+    # rank 0 computed and cached the reference log-probs on its node, sees that machine 1 cannot read them, says
+    # so, and sends them over (gpo_trl.trainer._precompute_ref_logps)
+    assert list((tmp_path / "node0" / "ref_logps").glob("*.arrow"))
+    assert not (tmp_path / "node1" / "ref_logps").exists()
+    assert "is not shared: rank 1 cannot see" in outputs[0][1]
+    history = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    logs_two = [e for e in history if "loss" in e]
+    assert len(logs_one) == len(logs_two) == 2
+    for one, two in zip(logs_one, logs_two):
+        for key in one:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), (one["step"], key)
+    weights_two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=1e-7, msg=name)

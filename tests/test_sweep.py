@@ -151,11 +151,31 @@ def test_emit_slurm_writes_one_array_task_per_unfinished_point(tmp_path, monkeyp
                             text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == str(["sweep", "--config", str(path), "--point", "3"])
 
+    assert "#SBATCH --gpus" not in script  # the demo recipe sets use_cpu: no GPU asked for
+    capsys.readouterr()
+    edited = tmp_path / "slurm" / "sweep.sbatch"
+    edited.write_text(script + "# edited by hand\n")
+    assert cli(["sweep", "--config", str(path), "--emit-slurm", str(tmp_path / "slurm")]) == 2  # kept
+    assert f"{edited} exists; it was not overwritten. Pass --overwrite" in capsys.readouterr().err
+    assert edited.read_text().endswith("# edited by hand\n")
+    assert cli(["sweep", "--config", str(path), "--emit-slurm", str(tmp_path / "slurm"), "--overwrite"]) == 0
+    assert edited.read_text() == script
+    assert "--gpus-per-node=1" in emit_gpu_request(path)
+
     capsys.readouterr()
     assert cli(["sweep", "--config", str(path), "--point", "2"]) == 0  # finished meanwhile: nothing runs
     assert "finished earlier, skipped" in capsys.readouterr().out
     assert cli(["sweep", "--config", str(path), "--point", "4"]) == 2
     assert "`--point 4` is out of range: the sweep has 4 points (0-3)" in capsys.readouterr().err
+
+
+def emit_gpu_request(path) -> str:
+    """The GPU line the array script gets when the recipe trains on a GPU (use_cpu false)."""
+    from gpo_trl.experiments.slurm_array import _gpu_request
+
+    sweep = load_sweep(str(path))
+    sweep.overrides = {**sweep.overrides, "use_cpu": False}
+    return _gpu_request(sweep)
 
 
 def test_collect_rebuilds_the_table_and_plots_from_point_outputs(tmp_path, capsys):
