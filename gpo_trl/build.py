@@ -57,4 +57,5 @@ def build_objective(args) -> Objective:
     """The loss, its beta, the `loss_type` plan (whose `sigmoid` term is f = `gpo_loss` at that beta) and the
     auxiliary rewards, each built once."""
     loss = build_loss(args)
-    return Objective(loss, effective_beta(args, loss), build_loss_plan(args, loss), build_aux_rewards(args))
+    beta = effective_beta(args, loss)
+    return Objective(loss, beta, build_plan(args, loss, beta), build_aux_rewards(args))

@@ -32,8 +32,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trl import DPOTrainer
-
 from .losses import GPOLoss, get_loss
 
 # loss_type entry -> (GPO loss, kwargs from DPOConfig keys, per-token margin, beta multiplier, weight(beta))
@@ -244,6 +242,8 @@ def trl_terms_loss(trainer, outputs, inputs, ref_chosen_logps, ref_rejected_logp
     forward's outputs (the model it calls returns them) and the reference log-probs as if precomputed, so it runs
     no forward; it applies `ld_alpha` and WPO to its terms itself. Its metrics, which GPO logs itself, go to a
     scratch store, and the state it reads is set for the call only."""
+    from trl import DPOTrainer  # here, not at the top: GPOConfig imports this module without transformers' Trainer
+
     mask = inputs["completion_mask"]
     if not torch.is_tensor(ref_chosen_logps):  # gpo_reference: none -> reference log-probs 0
         ref_chosen_logps = ref_rejected_logps = outputs.log_probs.new_zeros(mask.size(0) // 2)
