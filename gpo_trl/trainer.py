@@ -166,6 +166,8 @@ class GPOTrainer(NonFiniteGuard, CachedReferencePrecompute, BatchLayout, GPOMetr
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _compute_loss(self, model, inputs, return_outputs):
+        """DPOTrainer's hook: one fused-head forward, the log-ratios against the reference, then the preference loss
+        (+ SFT, auxiliary and MoE router terms); a non-finite training loss goes to the guard (gpo_trl.nonfinite)."""
         mode = "train" if self.model.training else "eval"
         fields = ("log_probs", "entropy", "mean_logits", "is_top1", *(("log_sum_sq_probs",) * self.use_weighting))
         outputs = self._forward(model, inputs, fields=fields,
@@ -252,6 +254,7 @@ class GPOTrainer(NonFiniteGuard, CachedReferencePrecompute, BatchLayout, GPOMetr
         return nll
 
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """log ref(y_w), log ref(y_l) per pair: 0 reference-free, precomputed, or a reference pass on this batch."""
         if self.args.gpo_reference == "none":  # reference-free: log pi_ref taken as 0, no reference pass
             return 0.0, 0.0
         if self.precompute_ref_logps:
