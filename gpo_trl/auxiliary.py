@@ -225,6 +225,9 @@ def as_text(value) -> str:
     return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
 
 
+REWARD_COLUMNS = ("aux_reward_chosen", "aux_reward_rejected")  # the per-row columns `add_reward_columns` adds
+
+
 def add_reward_columns(dataset, rewards: list[WeightedReward], name: str):
     """Add `aux_reward_chosen` / `aux_reward_rejected` = sum_i w_i r_i, once per row, through `dataset.map` (cached
     by the datasets library under the rewards' fingerprint)."""

@@ -1,4 +1,9 @@
-"""`GPOConfig`: TRL's `DPOConfig` plus the choice of the GPO loss function f."""
+"""`GPOConfig`: TRL's `DPOConfig` plus the choice of the GPO loss function f.
+
+The config checks values and names the key at fault when it is parsed; the objects it describes (the loss, the
+`loss_type` plan, the auxiliary rewards) are built by `gpo_trl.build`. `__post_init__` builds them once as a trial,
+so a bad loss or reward fails before any model loads; the trainer builds its own once.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from .auxiliary import WeightedReward, probe, resolve_reward
-from .guards import NONFINITE_POLICIES
+from . import build
+from .auxiliary import WeightedReward, probe
 from .losses import GPOLoss, available_losses, get_loss
+from .nonfinite import NONFINITE_POLICIES
 from .packing import PACKING_STRATEGIES
-from .trl_compat import LossPlan, build_plan, check_options, slot_kwargs
+from .trl_compat import LossPlan, check_options
 
 REFERENCES = ("model", "none")
 
@@ -173,38 +179,34 @@ class GPOConfig(DPOConfig):
         if self.gpo_loss_kwargs is not None and not isinstance(self.gpo_loss_kwargs, dict):
             raise ValueError(f"`gpo_loss_kwargs` must be a mapping, got {type(self.gpo_loss_kwargs).__name__}.")
         check_options(self)  # TRL's loss options (gpo_trl.trl_compat): what DPOTrainer refuses, and contradictions
-        loss = self.build_loss()  # validates the function now, before any model is loaded
+        loss = build.build_loss(self)  # validates the function now, before any model is loaded
         if self.beta_calibration is not None:
             self._check_calibration(loss)
-        self.loss_plan()  # validates the loss of every loss_type entry
+        build.build_loss_plan(self, loss)  # validates the loss of every loss_type entry
         self._check_reference_and_sft()
         self._check_auxiliary()
         self._check_batch_layout()
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {list(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}.")
 
+    # Kept for callers of the earlier API: gpo_trl.build builds the objective (and returns a new object per call)
+
     def build_loss(self) -> GPOLoss:
-        """The validated loss object for `gpo_loss` with `gpo_loss_kwargs` bound (and DPOConfig's `label_smoothing`
-        or `discopop_tau` when `gpo_loss` is robust, exo_pair or discopop and they are set)."""
-        return get_loss(self.gpo_loss, **slot_kwargs(self))
+        """`gpo_trl.build.build_loss` of this config."""
+        return build.build_loss(self)
 
     def loss_plan(self) -> LossPlan:
-        """The loss as terms: each `loss_type` entry with its `loss_weights` weight, the `sigmoid` entry being
-        f = `gpo_loss` at `effective_beta` (see gpo_trl.trl_compat)."""
-        return build_plan(self, self.build_loss(), self.effective_beta)
+        """`gpo_trl.build.build_loss_plan` of this config: each `loss_type` term with its weight."""
+        return build.build_loss_plan(self)
 
     @property
     def effective_beta(self) -> float:
         """The beta the loss runs at: `beta`, or `beta * c_g / c_f` under `beta_calibration`."""
-        if self.beta_calibration is None:
-            return float(self.beta)
-        return float(self.beta) * get_loss(self.beta_calibration).c_f / self.build_loss().c_f
+        return build.effective_beta(self, build.build_loss(self))
 
     def build_aux_rewards(self) -> list[WeightedReward]:
-        """The auxiliary rewards, or [] when the objective is off (aux_coef == 0 or no rewards)."""
-        if not self.aux_coef or not self.aux_rewards:
-            return []
-        return [resolve_reward(spec) for spec in self.aux_rewards]
+        """`gpo_trl.build.build_aux_rewards` of this config: [] when the objective is off."""
+        return build.build_aux_rewards(self)
 
     def _check_auxiliary(self):
         if isinstance(self.aux_rewards, str):
@@ -217,7 +219,7 @@ class GPOConfig(DPOConfig):
             raise ValueError(f"`aux_temperature` must be > 0 and finite, got {self.aux_temperature!r}.")
         if self.aux_coef and not self.aux_rewards:
             raise ValueError(f"`aux_coef={self.aux_coef}` needs `aux_rewards` to optimise; add rewards or set 0.")
-        probe(self.build_aux_rewards())  # a reward that raises or returns a non-number fails here, not at step 500
+        probe(build.build_aux_rewards(self))  # a reward that raises or returns a non-number fails here, not at step 500
 
     def _check_reference_and_sft(self):
         if self.gpo_reference not in REFERENCES:

@@ -1,12 +1,21 @@
 """`GPOTrainer`: TRL's `DPOTrainer` with the loss replaced by E[f(beta * rho)] for a pluggable f.
 
-What changes relative to `DPOTrainer`: only `_compute_loss`. Everything else (dataset preparation, PEFT with the
-disabled adapter as the reference, `precompute_ref_log_probs`, the fused LM head that never builds the full
-(batch, seq, vocab) logits, gradient accumulation, evaluation, model cards) is TRL's own code path.
+This module holds the idea: `_compute_loss` (one fused-head forward, the log-ratios, the loss, the checks) and
+`_preference_loss` (the sum over the `loss_type` terms, each f(beta * rho) term being a GPO loss), plus the SFT and
+auxiliary (UPO) terms and what TRL's dataset preparation needs to know about them. The rest of the difference from
+`DPOTrainer` lives in collaborators, each a module whose docstring states its contract:
 
-The override reuses TRL's public pieces: the fused LM head outputs (`log_probs`, `entropy`, `mean_logits`,
-`is_top1`), `compute_ref_log_probs` for the reference pass, and the `_metrics` store. It logs TRL's metrics under
-TRL's names, plus `gpo/*` diagnostics (see `_log_gpo_diagnostics`).
+- `gpo_trl.nonfinite`: the non-finite guard (`training_step`, the optimizer no-op) and fp16 loss-scale handling;
+- `gpo_trl.ref_precompute`: TRL's reference precompute behind the on-disk cache, rank 0 deciding for all ranks;
+- `gpo_trl.batch_layout`: packed / prefix-shared batches and the forward that serves every layout;
+- `gpo_trl.reference_free`: no reference model loaded or kept under `gpo_reference: none`;
+- `gpo_trl.metrics`: TRL's metrics under TRL's names, plus `gpo/*` and `aux/*`;
+- `gpo_trl.trl_compat`: TRL's other `loss_type` terms, computed by DPOTrainer's own code;
+- `gpo_trl.build`: the loss, its beta, the `loss_type` plan and the auxiliary rewards, built once from the config.
+
+Everything else (dataset preparation, PEFT with the disabled adapter as the reference, `precompute_ref_log_probs`,
+the fused LM head that never builds the full (batch, seq, vocab) logits, gradient accumulation, evaluation, model
+cards) is TRL's own code path.
 """
 
 from __future__ import annotations
@@ -17,52 +26,25 @@ import inspect
 import logging
 import os
 import textwrap
-import warnings
-from collections import defaultdict
-from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list, is_peft_model
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 from trl import DPOTrainer
 from trl.data_utils import maybe_extract_prompt
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer import dpo_trainer as trl_dpo_trainer
-from trl.trainer.utils import use_adapter
 
-from . import auxiliary, packing, refcache, trl_compat
-from .fourbit import keep_4bit_layers_differentiable
+from . import auxiliary, packing, trl_compat
+from .batch_layout import BatchLayout
+from .build import build_objective
 from .config import GPOConfig
 from .data import TOKEN_COLUMNS
-from .guards import (LossScaleCallback, NonFiniteError, PreemptionCallback, all_finite, loss_scale_explains,
-                     nonfinite_message)
+from .fourbit import keep_4bit_layers_differentiable
+from .guards import PreemptionCallback
+from .metrics import GPOMetrics
+from .nonfinite import LossScaleCallback, NonFiniteGuard, all_finite
+from .ref_precompute import CachedReferencePrecompute
+from .reference_free import drop_reference_adapter, reference_free_load
 
 logger = logging.getLogger(__name__)
-_AUX_COLUMNS = ("aux_reward_chosen", "aux_reward_rejected")
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_AUX_COLUMNS}
-
-
-@contextlib.contextmanager
-def _reference_free_load(model):
-    """Keep TRL's __init__ from loading a reference copy of the policy (it does so without PEFT or a precompute).
-
-    TRL 1.16 loads through `create_model_from_path` twice at most, in this order: the policy (only when `model` is a
-    path), then the reference. The reference load is answered with None, which TRL treats as "no reference model".
-    """
-    load = trl_dpo_trainer.create_model_from_path
-    policy_loads = [model] if isinstance(model, str) else []
-
-    def load_policy_only(path, **kwargs):
-        if policy_loads:
-            policy_loads.pop()
-            return load(path, **kwargs)
-        return None
-
-    trl_dpo_trainer.create_model_from_path = load_policy_only
-    try:
-        yield
-    finally:
-        trl_dpo_trainer.create_model_from_path = load
 
 
 def _pretokenised(dataset) -> bool:
@@ -82,20 +64,19 @@ def _without_prompt_only_rows(dataset, args, dataset_name):
     return dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length, **kwargs)
 
 
-class GPOTrainer(DPOTrainer):
+class GPOTrainer(NonFiniteGuard, CachedReferencePrecompute, BatchLayout, GPOMetrics, DPOTrainer):
     """Generalized Preference Optimization trainer. Same constructor as [`trl.DPOTrainer`]; `args` is a `GPOConfig`.
 
     loss = mean over pairs of f(beta_eff * rho), rho = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)],
     with f = `args.gpo_loss`, beta_eff = `args.effective_beta`, and rho per token when `args.gpo_length_normalize`;
     with TRL's `loss_type` list, the weighted sum of its terms (see `gpo_trl.trl_compat`).
-    """
 
-    # Per-run flags, set on the instance when they change (the reference precompute runs inside DPOTrainer.__init__)
-    _window_poisoned = False  # a micro-batch of this accumulation window had a non-finite loss (on_nonfinite: skip)
-    _reported_skip = False  # the optimizer reports its last step as skipped (see _drop_window)
-    _loss_was_nonfinite = False  # this micro-batch's loss was not finite (on_nonfinite: skip): report it as such
-    _warned_cache_not_shared = False
-    _warned_gradient_check_off = False
+    The bases, each a mixin with no state of its own beyond a few flags, in MRO order before `DPOTrainer`:
+    `NonFiniteGuard` (wraps `training_step`: NaN/inf never reaches the weights), `CachedReferencePrecompute` (wraps
+    `_precompute_ref_logps`: the reference pass reused across runs), `BatchLayout` (the collator swap and `_forward`
+    for packed / prefix-shared batches), `GPOMetrics` (the `_log_*` methods). Only `training_step` and
+    `_precompute_ref_logps` override a TRL method, and both call it through `super()`.
+    """
 
     _tag_names = ["trl", "dpo", "gpo", "gpo_trl"]
     _name = "GPO"
@@ -116,80 +97,40 @@ class GPOTrainer(DPOTrainer):
             raise TypeError(f"GPOTrainer needs a GPOConfig, got {type(args).__name__}; GPOConfig takes the same fields.")
         if args is None:
             args = GPOConfig(output_dir="gpo-output")
-        # Needed by _prepare_dataset and _precompute_ref_logps, which DPOTrainer.__init__ calls
-        self.aux_rewards = args.build_aux_rewards()
-        self._ref_cache_dir = Path(args.ref_logps_cache_dir) if args.ref_logps_cache_dir else refcache.default_cache_dir()
+        objective = build_objective(args)
+        self.aux_rewards = objective.aux_rewards  # read by _prepare_dataset, which DPOTrainer.__init__ calls
         given = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *pos, **kwargs).arguments
         self._check_model_for_batch_layout(model, args, given.get("train_dataset"), given.get("peft_config"),
-                                 given.get("compute_metrics"))
+                                           given.get("compute_metrics"))
         keep_4bit_layers_differentiable(*(m for m in (model, ref_model) if isinstance(m, torch.nn.Module)))
-        self._padded_collator = None  # set once TRL has built it; TRL's __init__ precomputes with its own
-        # TRL 1.16 turns `padding_free` off for DPO with a warning; GPO implements it (gpo_trl.packing)
+        # TRL 1.16 turns `padding_free` off for DPO with a warning; GPO implements it (gpo_trl.batch_layout)
         padding_free, args.padding_free = args.padding_free, False
-        if args.gpo_reference == "none" and ref_model is not None:
+        reference_free = args.gpo_reference == "none"
+        if reference_free and ref_model is not None:
             raise ValueError("`gpo_reference: none` trains reference-free, but a `ref_model` was passed. Drop the "
                              "ref_model, or set `gpo_reference: model` to use it.")
         try:
-            with _reference_free_load(model) if args.gpo_reference == "none" else contextlib.nullcontext():
+            with reference_free_load(model) if reference_free else contextlib.nullcontext():
                 super().__init__(model, ref_model, args, *pos, **kwargs)
         finally:
             args.padding_free = padding_free
-        if args.gpo_reference == "none" and "ref" in getattr(self.model, "peft_config", {}):
-            self.model.delete_adapter("ref")  # TRL's frozen copy of a loaded adapter: a reference, never used here
+        if reference_free:
+            drop_reference_adapter(self.model)
         keep_4bit_layers_differentiable(self.model, self.ref_model)  # for evaluate() and generation during the run
         self.padding_free = padding_free
-        self._padded_collator = self.data_collator  # TRL's; also used by the reference precompute
-        if args.padding_free or args.prefix_sharing:
-            self.data_collator = self._packed_collator(args)
+        self._use_batch_layout(args)
         if self.aux_rewards:
-            self.data_collator = auxiliary.RewardCollator(self.data_collator, _AUX_COLUMNS)
+            self.data_collator = auxiliary.RewardCollator(self.data_collator, auxiliary.REWARD_COLUMNS)
         self.preemption = PreemptionCallback(self.accelerator)
         self.add_callback(self.preemption)
         self.add_callback(LossScaleCallback(self.accelerator, self._metrics["train"]))
-        self._skipped_batches = 0
-        self.gpo_loss = args.build_loss()
-        self.loss_plan = args.loss_plan()
+        self.gpo_loss, self.loss_plan = objective.loss, objective.plan
         if args.loss_type != ["sigmoid"] or args.loss_weights:
             if self.accelerator.is_main_process:
                 logger.warning("GPO loss: %s.", self.loss_plan.describe())
         # TRL reads self.beta for its rewards; under beta_calibration the loss runs at the calibrated beta.
-        self.beta = args.effective_beta
+        self.beta = objective.beta
         self.dataset_names: list[str] | None = None  # recorded in the model card; the recipe sets it
-
-    def _packed_collator(self, args: GPOConfig) -> packing.PackedPreferenceCollator:
-        """Packed / prefix-shared batches (see gpo_trl.packing); `_check_model_for_batch_layout` has vetted the setup."""
-        self._attn_implementation = self.accelerator.unwrap_model(self.model).config._attn_implementation
-        return packing.PackedPreferenceCollator(
-            self._padded_collator, pad_token_id=self._tokenizer.pad_token_id, padding_free=args.padding_free,
-            prefix_sharing=args.prefix_sharing, strategy=args.packing_strategy, row_length=args.max_length,
-            pad_to_multiple_of=args.pad_to_multiple_of, block_mask=self._attn_implementation == "flex_attention")
-
-    @staticmethod
-    def _check_model_for_batch_layout(model, args: GPOConfig, train_dataset, peft_config, compute_metrics):
-        """Refuse setups packed or prefix-shared batches cannot serve, before the model is loaded."""
-        if not (args.padding_free or args.prefix_sharing):
-            return
-        mode = "prefix_sharing" if args.prefix_sharing else "padding_free"
-        first_row = next(iter(train_dataset)) if train_dataset is not None else {}
-        if isinstance(first_row, dict) and ("image" in first_row or "images" in first_row):
-            raise ValueError(f"`{mode}` supports text preference data only; this dataset has images. Set it to false.")
-        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-            raise ValueError(f"`{mode}` cannot be used with prompt-learning PEFT ({peft_config.peft_type}), whose "
-                             "virtual tokens would be shared across packed sequences. Use LoRA or set it to false.")
-        if compute_metrics is not None:  # TRL passes it logits, which would be laid out as packed rows here
-            raise ValueError(f"`{mode}` cannot be used with `compute_metrics` (deprecated in TRL too): its logits would "
-                             "come in the packed layout. Drop compute_metrics or set it to false.")
-        if isinstance(model, str):
-            attention = (args.model_init_kwargs or {}).get("attn_implementation") or "sdpa"  # transformers' default
-        else:
-            attention = model.config._attn_implementation
-        if args.prefix_sharing and attention not in ("sdpa", "eager", "flex_attention"):
-            raise ValueError(f"`prefix_sharing` needs a custom 4D attention mask, which attn_implementation={attention!r} "
-                             "does not take. Load the model with attn_implementation 'flex_attention' (GPU), 'sdpa' or "
-                             "'eager', or use `padding_free` alone (it works with flash-attention).")
-        if args.prefix_sharing and attention == "flex_attention" and (args.use_cpu or not torch.cuda.is_available()):
-            raise ValueError("`prefix_sharing` with attn_implementation='flex_attention' needs a GPU: FlexAttention has "
-                             "no backward pass on the CPU (torch). Use attn_implementation 'sdpa' on the CPU.")
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card, plus a GPO section: loss and formula, beta, hyperparameters, final metrics, loading snippet."""
@@ -218,68 +159,15 @@ class GPOTrainer(DPOTrainer):
                 len(row["chosen_ids"]), len(row["rejected_ids"]))}, desc=f"Measuring {dataset_name} lengths")
         return dataset
 
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        """TRL's precompute, behind a cache keyed by what the values depend on (see gpo_trl.refcache): a run that
-        differs only in beta, the loss or the learning rate reuses the reference pass instead of redoing it."""
-        keep_4bit_layers_differentiable(self.model, self.ref_model)  # TRL loaded them: this eval-mode pass comes first
-        if not isinstance(dataset, Dataset):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-        if self._padded_collator not in (None, self.data_collator):  # a later precompute (evaluate), packing on
-            return self._with_padded_collator(self._precompute_ref_logps, dataset, name, batch_size)
-        path = self._ref_cache_dir / f"{self._shared_cache_key(dataset)}.arrow"
-        cached = refcache.load(path, len(dataset))
-        visible = self._ranks_with(cached is not None)
-        if visible[0]:  # rank 0 decides for everyone: a rank that computed alone would wait in a collective forever
-            if not all(visible):
-                self._warn_cache_not_shared(path, visible)
-                cached = Dataset(broadcast_object_list([cached.data.table if cached is not None else None])[0])
-            self.accelerator.print(f"Reference log-probs for {name}: reused {path}")
-            return concatenate_datasets([dataset.flatten_indices(), cached], axis=1)
-        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
-        if self.accelerator.is_main_process:
-            refcache.store(dataset, path)
-        self.accelerator.wait_for_everyone()
-        visible = self._ranks_with(path.is_file())
-        if not all(visible):
-            self._warn_cache_not_shared(path, visible)
-        return dataset
-
-    def _shared_cache_key(self, dataset) -> str:
-        """Rank 0's cache key, on every rank: the model hash is rank-dependent (ZeRO-3 shards the weights), as TRL
-        notes where it broadcasts its own."""
-        key = refcache.cache_key(dataset, self._precompute_model_hash, self.args) if self.accelerator.is_main_process \
-            else None
-        return broadcast_object_list([key])[0]
-
-    def _ranks_with(self, flag: bool) -> list[bool]:
-        """`flag` of every rank, in rank order."""
-        flags = self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device))
-        return [bool(value) for value in flags.tolist()]
-
-    def _warn_cache_not_shared(self, path, visible: list[bool]):
-        if self._warned_cache_not_shared or not self.accelerator.is_main_process:
-            return
-        self._warned_cache_not_shared = True
-        missing = ", ".join(f"rank {rank}" for rank, sees in enumerate(visible) if not sees)
-        warnings.warn(f"The reference log-probs cache directory {path.parent} is not shared: {missing} cannot see "
-                      f"{path.name}, which rank 0 wrote or read. Rank 0 sends the values to the others, so the run "
-                      "is correct; set `ref_logps_cache_dir` to a directory every node sees to skip that.")
-
-    def _with_padded_collator(self, function, *args):
-        """Run `function` with TRL's padded collator (TRL's precompute and reference helper expect its batches)."""
-        packed, self.data_collator = self.data_collator, self._padded_collator
-        try:
-            return function(*args)
-        finally:
-            self.data_collator = packed
-
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = [*(_AUX_COLUMNS if self.aux_rewards else ()),
+        extra = [*(auxiliary.REWARD_COLUMNS if self.aux_rewards else ()),
                  *([self.args.length_column_name] if self.args.train_sampling_strategy == "group_by_length" else [])]
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _compute_loss(self, model, inputs, return_outputs):
+        """DPOTrainer's hook: one fused-head forward, the log-ratios against the reference, then the preference loss
+        (+ SFT, auxiliary and MoE router terms); a non-finite training loss goes to the guard (gpo_trl.nonfinite)."""
         mode = "train" if self.model.training else "eval"
         fields = ("log_probs", "entropy", "mean_logits", "is_top1", *(("log_sum_sq_probs",) * self.use_weighting))
         outputs = self._forward(model, inputs, fields=fields,
@@ -343,164 +231,19 @@ class GPOTrainer(DPOTrainer):
         if not self.loss_plan.margin_terms:  # GPO's margin diagnostics still describe the run
             self._log_gpo_diagnostics(mode, chosen_logratios - rejected_logratios, None, None, first=True)
         if self.loss_plan.trl_terms:
-            trl_loss = self._trl_terms_loss(outputs, inputs, *ref_logps)
+            trl_loss = trl_compat.trl_terms_loss(self, outputs, inputs, *ref_logps)
             loss = trl_loss if loss is None else loss + trl_loss
         return loss
 
-    def _trl_terms_loss(self, outputs, inputs, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
-        """The `loss_type` terms that are not f(beta * rho) (bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
-        apo_zero, apo_down, sft), weighted and summed by DPOTrainer's own `_compute_loss`. It is handed this
-        forward's outputs (the model it calls returns them) and the reference log-probs as if precomputed, so it runs
-        no forward; it applies `ld_alpha` and WPO to its terms itself. Its metrics, which GPO logs itself, go to a
-        scratch store, and the state it reads is set for the call only."""
-        mask = inputs["completion_mask"]
-        if not torch.is_tensor(ref_chosen_logps):  # gpo_reference: none -> reference log-probs 0
-            ref_chosen_logps = ref_rejected_logps = outputs.log_probs.new_zeros(mask.size(0) // 2)
-        replay = {"input_ids": mask, "attention_mask": mask, "completion_mask": mask,
-                  "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-        entries, weights = zip(*self.loss_plan.trl_terms, strict=True)
-        view = {"loss_types": list(entries), "loss_weights": list(weights), "precompute_ref_logps": True,
-                "aux_loss_enabled": False, "beta": float(self.args.beta),
-                "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)}}
-        saved = {name: getattr(self, name) for name in [*view, "_total_train_tokens"]}
-        try:
-            for name, value in view.items():
-                setattr(self, name, value)
-            return DPOTrainer._compute_loss(self, lambda **_: outputs, replay, return_outputs=False)
-        finally:
-            for name, value in saved.items():
-                setattr(self, name, value)
-
-    def _model_kwargs(self, inputs) -> dict:
-        """The model's inputs, with labels on the completion tokens only, for a padded or a packed batch."""
-        if not packing.is_packed(inputs):
-            kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-            kwargs["labels"] = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-            return kwargs
-        kwargs = {key: inputs[key] for key in ("input_ids", "position_ids", "labels")}
-        if "attention_mask" in inputs:  # prefix sharing: the branch mask
-            kwargs["attention_mask"] = packing.model_attention_mask(inputs["attention_mask"], self._attn_implementation)
-        elif "mask_document" in inputs:  # prefix sharing under flex_attention: the same rule as a BlockMask
-            kwargs["attention_mask"] = packing.flex_block_mask(inputs["mask_document"], inputs["mask_branch"])
-        return kwargs
-
-    def _forward(self, model, inputs, fields=("log_probs", "entropy", "mean_logits", "is_top1"), **kwargs):
-        """Fused-head forward; the per-token `fields` of a packed batch come back in the padded (2B, T-1) layout
-        (the loss and the metrics read only those)."""
-        outputs = model(**self._model_kwargs(inputs), **kwargs, use_cache=False, fused_lm_head=True)
-        if packing.is_packed(inputs):
-            shape = inputs["completion_mask"][:, 1:].shape
-            for name in fields:
-                setattr(outputs, name, packing.unpack(getattr(outputs, name), inputs["unpack_index"], shape))
-        return outputs
-
-    def training_step(self, *args, **kwargs):
-        """TRL's step; at the last micro-step of an accumulation window, check that no NaN/inf gradient is about to
-        reach the optimizer, and drop the whole window when it, or any of its micro-batches' losses, was not finite.
-
-        Under fp16 loss scaling the gradients checked are the scaled ones (the Trainer unscales them once, when it
-        clips): an overflow the scale can explain is left to GradScaler, which skips the step and lowers the scale
-        (see `guards.loss_scale_explains`). A skipped micro-batch returns its loss as non-finite, so transformers'
-        `logging_nan_inf_filter` treats it as it treats any NaN loss (by default: replaced in the logged mean)."""
-        loss = super().training_step(*args, **kwargs)
-        if self._loss_was_nonfinite:  # the zero loss it backpropagated is not its loss
-            self._loss_was_nonfinite = False
-            loss = torch.full_like(loss, float("nan"))
-        if not self.accelerator.sync_gradients:  # mid-accumulation: a NaN stays in the sum until the last micro-step
-            return loss
-        if not self._window_poisoned and not self._gradients_finite():
-            scaler = self.accelerator.scaler
-            if not loss_scale_explains(scaler):
-                scale = f" (at fp16 loss scale {scaler.get_scale():g}, so not a loss-scale overflow)" if scaler else ""
-                self._nonfinite(f"gradients{scale}")
-        if self._window_poisoned:
-            self._window_poisoned = False
-            self._drop_window()
-        elif self._reported_skip:  # accelerate rewrites this flag only under AMP loss scaling: clear ours
-            self.optimizer._is_overflow = self._reported_skip = False
-        return loss
-
-    def _gradients_finite(self) -> bool:
-        """True when every gradient is finite on every process; each rank joins the gather, with or without grads.
-        Where the gradients are out of reach the check is off: said once, loudly, and never counted as passed."""
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # the same on every rank: no gather
-            self._warn_gradient_check_off(
-                "DeepSpeed keeps the gradients in its own (partitioned) buffers and takes its optimizer step inside "
-                "backward, before this check could run. With `on_nonfinite: skip` a skipped batch's zero loss still "
-                "goes through that step (weight decay and the optimizer's moments move)")
-            return True
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # One max-norm per tensor (no tensor-sized temporaries): finite iff every element is (NaN propagates). Not the
-        # 2-norm: its squares overflow for finite gradients scaled by an fp16 loss scale
-        norms = torch._foreach_norm(grads, float("inf")) if grads else []
-        finite = all_finite(self.accelerator, [torch.stack(norms)] if grads else [])
-        if not grads and any(p.requires_grad for p in self.model.parameters()):
-            self._warn_gradient_check_off("no trainable parameter holds a .grad after backward (the gradients are "
-                                          "kept elsewhere, as DeepSpeed ZeRO keeps them)")
-        return finite
-
-    def _warn_gradient_check_off(self, reason: str):
-        if self._warned_gradient_check_off or not self.accelerator.is_main_process:
-            return
-        self._warned_gradient_check_off = True
-        warnings.warn(f"The gradient finiteness check is OFF for this run: {reason}. Only the loss is checked "
-                      "(before backward); watch `grad_norm` in the logs.")
-
-    def _nonfinite(self, what: str) -> torch.Tensor:
-        """Stop with an error naming the step, or mark the accumulation window for dropping and return a zero loss
-        that still reaches every trainable parameter (so DDP's gradient hooks fire on all ranks). All ranks come here
-        together: the checks gather."""
-        if self.args.on_nonfinite == "stop":
-            raise NonFiniteError(nonfinite_message(what, self.state.global_step + 1, self.args.output_dir))
-        self._window_poisoned = True
-        self._loss_was_nonfinite = what == "loss"
-        return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
-
-    def _drop_window(self):
-        """Make the coming optimizer step a no-op: the weights, the optimizer's state (AdamW's moments, step counts,
-        weight decay) and the LR schedule stay exactly as they are. A zero gradient would not do: AdamW would still
-        decay the weights and move its moments. The step reports itself skipped through accelerate's
-        `step_was_skipped` (as an AMP overflow does), so transformers' Trainer leaves the LR scheduler alone;
-        `global_step` still advances."""
-        self._skipped_batches += 1
-        self._metrics["train"]["gpo/skipped_batches"] = [self._skipped_batches]
-        self.model.zero_grad(set_to_none=True)  # the window's earlier micro-batches go too; clipping sees no grads
-        optimizer = self.optimizer  # accelerate's AcceleratedOptimizer
-        scaler = self.accelerator.scaler
-
-        def skipped_step(closure=None):
-            del optimizer.step  # back to the class's step for the next window
-            optimizer._is_overflow = True  # read by step_was_skipped
-            if scaler is not None and scaler.is_enabled():
-                # Clipping has unscaled this window (scaler.unscale_), which only update() closes; the scale stays:
-                # a dropped window is not an overflow the scaler should answer by lowering it
-                scaler.update(scaler.get_scale())
-
-        optimizer.step = skipped_step
-        self._reported_skip = True
-
     def _auxiliary_loss(self, mode, chosen_logratios, rejected_logratios, inputs) -> torch.Tensor:
-        """The reference-anchored UPO term (see gpo_trl.auxiliary), a mean over pairs like the GPO loss; and its
-        metrics."""
+        """The reference-anchored UPO term (see gpo_trl.auxiliary), a mean over pairs like the GPO loss; logged."""
         reward_chosen, reward_rejected = inputs["aux_reward_chosen"], inputs["aux_reward_rejected"]
         advantages = auxiliary.pair_advantages(reward_chosen, reward_rejected)
         logratios = torch.cat([chosen_logratios, rejected_logratios])  # (2B,) h = log pi / ref
         if self.args.gpo_length_normalize:  # the per-token scale of the GPO margin
             logratios = logratios / inputs["completion_mask"].sum(dim=1).clamp(min=1)
         loss = auxiliary.aux_loss(self.gpo_loss, self.beta * logratios, advantages, self.args.aux_temperature).mean()
-        metrics = self._metrics[mode]
-        metrics["aux/reward_chosen"].append(self._gather_mean(reward_chosen))
-        metrics["aux/reward_rejected"].append(self._gather_mean(reward_rejected))
-        metrics["aux/advantage_abs"].append(self._gather_mean(advantages.abs()))
-        metrics["aux/loss"].append(self._gather_mean(loss))
-        # Among the pairs the rewards tell apart: how often the policy's margin ranks them the designer's way
-        gap = advantages.chunk(2)[0]
-        ranked = gap != 0
-        ranked_pairs = self._gather_sum(ranked.sum()).item()
-        if ranked_pairs:
-            chosen, rejected = logratios.detach().chunk(2)
-            agrees = torch.sign(chosen - rejected) == torch.sign(gap)
-            metrics["aux/designer_accuracy"].append(self._gather_sum((agrees & ranked).sum()).item() / ranked_pairs)
+        self._log_aux_metrics(mode, reward_chosen, reward_rejected, advantages, loss, logratios)
         return loss
 
     def _sft_loss(self, mode, per_token_logps, token_mask) -> torch.Tensor:
@@ -511,23 +254,16 @@ class GPOTrainer(DPOTrainer):
         return nll
 
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """log ref(y_w), log ref(y_l) per pair: 0 reference-free, precomputed, or a reference pass on this batch."""
         if self.args.gpo_reference == "none":  # reference-free: log pi_ref taken as 0, no reference pass
             return 0.0, 0.0
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         ref_model = self.ref_model if self.ref_model is not None else model
-        if not packing.is_packed(inputs):
-            # With PEFT and no ref_model, TRL's helper disables the adapter on `model` for this pass.
-            return self.compute_ref_log_probs(ref_model, inputs)
-        # The same contexts as TRL's compute_ref_log_probs, around the packed forward
-        adapter = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              adapter, self.accelerator.autocast()):
-            per_token_logps = self._forward(ref_model, inputs, fields=("log_probs",)).log_probs
-        return trl_compat.sequence_logps(per_token_logps, inputs["completion_mask"][:, 1:], self.ld_alpha).chunk(2)
+        if packing.is_packed(inputs):
+            return self._packed_reference_logps(ref_model, inputs)
+        # With PEFT and no ref_model, TRL's helper disables the adapter on `model` for this pass.
+        return self.compute_ref_log_probs(ref_model, inputs)
 
     def _margin(self, chosen_logratios, rejected_logratios, completion_mask, length_normalize) -> torch.Tensor:
         """rho per pair: summed log-ratios, or per-token averages when `length_normalize` (TRL's IPO form)."""
@@ -536,63 +272,3 @@ class GPOTrainer(DPOTrainer):
             chosen_logratios = chosen_logratios / chosen_len
             rejected_logratios = rejected_logratios / rejected_len
         return chosen_logratios - rejected_logratios
-
-    def _gather_mean(self, value: torch.Tensor) -> float:
-        return self.accelerator.gather(value.detach()).float().mean().item()
-
-    def _gather_sum(self, value: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.gather_for_metrics(value.detach()).sum()
-
-    def _log_token_metrics(self, mode, outputs, inputs, token_mask):
-        """TRL's per-token metrics under TRL's names: entropy, num_tokens, logits/*, mean_token_accuracy.
-
-        Sums are gathered across ranks before dividing, so every rank logs the global token average.
-        """
-        seq_len = token_mask.size(1)
-        metrics = self._metrics[mode]
-        n_tokens = self._gather_sum(token_mask.sum())
-        entropy_sum = self._gather_sum((outputs.entropy[:, -seq_len:] * token_mask).sum())
-        metrics["entropy"].append((entropy_sum / n_tokens).item() if n_tokens > 0 else 0.0)
-        if mode == "train":  # tokens of the sequences as TRL counts them, whatever the batch layout
-            lengths = inputs["sequence_lengths"] if packing.is_packed(inputs) else inputs["attention_mask"]
-            self._total_train_tokens += self._gather_sum(lengths.sum()).item() // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
-
-        chosen_mask, rejected_mask = token_mask.bool().chunk(2)
-        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2)
-        for name, logits, mask in (("chosen", chosen_logits, chosen_mask), ("rejected", rejected_logits, rejected_mask)):
-            count = self._gather_sum(mask.sum()).item()
-            metrics[f"logits/{name}"].append(self._gather_sum(logits[mask].sum()).item() / count if count else 0.0)
-
-        chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2)[0]
-        count = self._gather_sum(chosen_mask.sum())
-        correct = self._gather_sum((chosen_top1 & chosen_mask).sum())
-        metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
-
-    def _log_reward_metrics(self, mode, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps):
-        """TRL's implicit-reward metrics: rewards = beta * summed log-ratio, as DPO defines them."""
-        metrics = self._metrics[mode]
-        chosen_rewards = self.beta * chosen_logratios.detach()
-        rejected_rewards = self.beta * rejected_logratios.detach()
-        metrics["rewards/chosen"].append(self._gather_mean(chosen_rewards))
-        metrics["rewards/rejected"].append(self._gather_mean(rejected_rewards))
-        metrics["rewards/accuracies"].append(self._gather_mean((chosen_rewards > rejected_rewards).float()))
-        metrics["rewards/margins"].append(self._gather_mean(chosen_rewards - rejected_rewards))
-        metrics["logps/chosen"].append(self._gather_mean(chosen_logps))
-        metrics["logps/rejected"].append(self._gather_mean(rejected_logps))
-
-    def _log_gpo_diagnostics(self, mode, rho, scaled_margin, term, first: bool):
-        """GPO paper, Sec. 3: E[rho], the offline regulariser 1/2 E[rho^2] (the paper's diagnostic; per unit of push
-        the loss weighs it by 2 * beta * c_f, see `GPOLoss.c_f`), and how much of the batch still pushes, |f'(t)|.
-        They describe the first f(beta * rho) term of `loss_type`; a later one logs its push as gpo/push/<entry>.
-        Without such a term, only the margin's two (rho: the summed log-ratio margin)."""
-        metrics = self._metrics[mode]
-        if not first:
-            metrics[f"gpo/push/{term.entry}"].append(self._gather_mean(term.loss.derivative(scaled_margin).abs()))
-            return
-        rho = rho.detach()
-        metrics["gpo/margin"].append(self._gather_mean(rho))
-        metrics["gpo/offline_reg"].append(0.5 * self._gather_mean(rho**2))
-        if term is not None:
-            metrics["gpo/push"].append(self._gather_mean(term.loss.derivative(scaled_margin).abs()))
-            metrics["gpo/beta_effective"].append(float(term.beta))

@@ -10,16 +10,23 @@ MPO with the exponential f). Every other entry is computed as DPOTrainer compute
 - the entries that are f(beta * rho) for a fixed f (hinge, ipo, robust, exo_pair, discopop, sigmoid_norm) run as
   that GPO loss (`MARGIN_LOSS_TYPES`), with GPO's diagnostics;
 - the others (nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down) and `sft` run through
-  DPOTrainer's own `_compute_loss` (see `GPOTrainer._trl_terms_loss`).
+  DPOTrainer's own `_compute_loss` (see `trl_terms_loss`).
 
 The three knobs below mirror DPOTrainer 1.16's few lines for them (the package pins TRL 1.16, and the parity tests
 check them against DPOTrainer step for step), so that they apply to any f, not only to TRL's.
+
+Contract: the config side (`check_options`, `slot_kwargs`, `build_plan`) reads `GPOConfig` keys and builds nothing
+else; the trainer side (`sequence_logps`, `divergence_scores`, `wpo_weights`, `trl_terms_loss`) reads tensors of one
+forward. `trl_terms_loss` relies on DPOTrainer 1.16's `_compute_loss(model, inputs, return_outputs)` and the trainer
+state it reads (`loss_types`, `loss_weights`, `precompute_ref_logps`, `aux_loss_enabled`, `beta`, `_metrics`,
+`_total_train_tokens`), which it sets for the call only and restores.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -227,3 +234,30 @@ def wpo_weights(per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor,
     weights = torch.exp(aligned.sum(dim=1) / token_mask.sum(dim=1).clamp_min(1))
     chosen, rejected = weights.chunk(2)
     return chosen * rejected
+
+
+def trl_terms_loss(trainer, outputs, inputs, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
+    """The `loss_type` terms that are not f(beta * rho) (bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
+    apo_zero, apo_down, sft), weighted and summed by DPOTrainer's own `_compute_loss`. It is handed this
+    forward's outputs (the model it calls returns them) and the reference log-probs as if precomputed, so it runs
+    no forward; it applies `ld_alpha` and WPO to its terms itself. Its metrics, which GPO logs itself, go to a
+    scratch store, and the state it reads is set for the call only."""
+    from trl import DPOTrainer  # here, not at the top: GPOConfig imports this module without transformers' Trainer
+
+    mask = inputs["completion_mask"]
+    if not torch.is_tensor(ref_chosen_logps):  # gpo_reference: none -> reference log-probs 0
+        ref_chosen_logps = ref_rejected_logps = outputs.log_probs.new_zeros(mask.size(0) // 2)
+    replay = {"input_ids": mask, "attention_mask": mask, "completion_mask": mask,
+              "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    entries, weights = zip(*trainer.loss_plan.trl_terms, strict=True)
+    view = {"loss_types": list(entries), "loss_weights": list(weights), "precompute_ref_logps": True,
+            "aux_loss_enabled": False, "beta": float(trainer.args.beta),
+            "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)}}
+    saved = {name: getattr(trainer, name) for name in [*view, "_total_train_tokens"]}
+    try:
+        for name, value in view.items():
+            setattr(trainer, name, value)
+        return DPOTrainer._compute_loss(trainer, lambda **_: outputs, replay, return_outputs=False)
+    finally:
+        for name, value in saved.items():
+            setattr(trainer, name, value)
