@@ -106,7 +106,7 @@ def test_two_machines_of_one_process_match_one_process_with_batch_2b(one_process
         assert machine.returncode == 0, err[-3000:]
     assert "world size 2 (MULTI_CPU)" in outputs[0][0]
     # rank 0 computed and cached the reference log-probs on its node, sees that machine 1 cannot read them, says
-    # so, and sends them over (gpo_trl.trainer._precompute_ref_logps)
+    # so, and sends them over (gpo_trl.ref_precompute._precompute_ref_logps)
     assert list((tmp_path / "node0" / "ref_logps").glob("*.arrow"))
     assert not (tmp_path / "node1" / "ref_logps").exists()
     assert "is not shared: rank 1 cannot see" in outputs[0][1]
