@@ -155,7 +155,7 @@ def main(script_args, training_args, model_args, dataset_args):
             f"{launched} processes were launched but each sees world size 1, so each would train alone and write "
             f"the same output_dir. On a machine without GPUs set `use_cpu: true` (DDP over gloo)."
         )
-    claim_output_dir(training_args.output_dir, script_args.overwrite_output_dir)
+    prepare_output_dir(training_args.output_dir, script_args.overwrite_output_dir)
     if script_args.prepare_demo_assets:
         from .demo import prepare_demo_assets
 
@@ -174,6 +174,7 @@ def main(script_args, training_args, model_args, dataset_args):
         train_dataset, eval_dataset, reports = build_datasets(script_args, dataset_args, tokenizer,
                                                               training_args.max_length, seed=training_args.seed)
     PartialState().print(summarize(reports))
+    claim_output_dir(training_args.output_dir)
     trainer = GPOTrainer(
         model=model_args.model_name_or_path,
         ref_model=load_reference(script_args, training_args, model_args),
@@ -244,17 +245,21 @@ def check_training_output_dir(output_dir: str, overwrite: bool):
                      what="`output_dir`")
 
 
-def claim_output_dir(output_dir: str, overwrite: bool):
-    """Check output_dir (above), then mark it as gpo-trl's. First undoes a final save that a kill cut between its
-    two renames (gpo_trl.atomic), so that `resume_from_checkpoint: last` finds the checkpoints."""
+def prepare_output_dir(output_dir: str, overwrite: bool):
+    """Check output_dir (above), writing nothing. First undoes a final save that a kill cut between its two renames
+    (gpo_trl.atomic), so that `resume_from_checkpoint: last` finds the checkpoints."""
     state = PartialState()
-    path = Path(output_dir)
     if state.is_main_process:
-        recover(path)
+        recover(Path(output_dir))
     state.wait_for_everyone()
     check_training_output_dir(output_dir, overwrite)
     state.wait_for_everyone()
-    if state.is_main_process and read_marker(path) is None:
+
+
+def claim_output_dir(output_dir: str):
+    """Mark output_dir as gpo-trl's, once the data checks have passed (a run refused before then writes nothing)."""
+    path = Path(output_dir)
+    if PartialState().is_main_process and read_marker(path) is None:
         path.mkdir(parents=True, exist_ok=True)
         write_marker(path, "train", [])
 

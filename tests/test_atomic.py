@@ -204,7 +204,7 @@ def test_a_final_save_killed_at_any_file_operation_keeps_checkpoints_and_old_or_
     import torch
 
     from gpo_trl.guards import last_complete_checkpoint
-    from gpo_trl.recipe import claim_output_dir, main as recipe_main, save_final
+    from gpo_trl.recipe import main as recipe_main, prepare_output_dir, save_final
     from test_pipeline import demo_args
 
     trainer, before, after = recipe_main(*demo_args(tmp_path, "--max_steps", "2", "--save_strategy", "steps",
@@ -239,7 +239,7 @@ def test_a_final_save_killed_at_any_file_operation_keeps_checkpoints_and_old_or_
         assert state in (old, new) or (state is None and labels[n - 1].startswith("swap 2")), labels[n - 1]
         outcomes.append("old" if state == old else "new" if state == new else "missing")
         if state is None:  # what the rerun of `gpo-trl train ... --resume_from_checkpoint last` does first
-            claim_output_dir(str(out), overwrite=False)
+            prepare_output_dir(str(out), overwrite=False)
             assert top_level(out) == old
         assert last_complete_checkpoint(str(out)).endswith("checkpoint-2") and (out / "notes.txt").read_text() == "mine"
         save(1.0)
