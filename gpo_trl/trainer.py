@@ -23,7 +23,6 @@ from accelerate.utils import DistributedType, broadcast_object_list, is_peft_mod
 from datasets import Dataset, concatenate_datasets
 from trl import DPOTrainer
 from trl.data_utils import maybe_extract_prompt
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as trl_dpo_trainer
 from trl.trainer.utils import use_adapter
 
@@ -33,6 +32,20 @@ from .guards import NonFiniteError, PreemptionCallback, all_finite, nonfinite_me
 
 _AUX_COLUMNS = ("aux_reward_chosen", "aux_reward_rejected")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_AUX_COLUMNS}
+
+
+@contextlib.contextmanager
+def activation_checkpointing_off(model, checkpointing_kwargs: dict | None):
+    """TRL's `disable_gradient_checkpointing` under transformers 5's names (the old ones warn on every reference
+    pass): recomputation is pointless without gradients, and is restored afterwards."""
+    was_on = model.is_activation_checkpointing
+    if was_on:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            model.activation_checkpointing_enable(checkpointing_kwargs)
 
 
 @contextlib.contextmanager
@@ -412,7 +425,7 @@ class GPOTrainer(DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+        with (torch.no_grad(), activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
             return self._forward(ref_model, inputs, fields=("log_probs",)).log_probs.sum(dim=1).chunk(2)
 

@@ -24,7 +24,7 @@ from gpo_trl.iterate import load_plan, run_iterate
 RECIPE = dict(gpo_loss="logistic", beta=0.1, use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
               lora_target_modules="all-linear", output_dir="unused", num_train_epochs=3,
               per_device_train_batch_size=8, learning_rate=5.0e-3, max_length=96, use_cpu=True, bf16=False,
-              gradient_checkpointing=False, logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
+              activation_checkpointing=False, logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
               dataloader_num_workers=0, disable_tqdm=True)
 
 

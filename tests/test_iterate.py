@@ -23,7 +23,7 @@ from gpo_trl.recipe import ConfigError
 BASE_RECIPE = dict(
     gpo_loss="logistic", beta=0.1, use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
     lora_target_modules="all-linear", output_dir="unused", num_train_epochs=3, per_device_train_batch_size=8,
-    learning_rate=5.0e-3, max_length=96, seed=0, use_cpu=True, bf16=False, gradient_checkpointing=False,
+    learning_rate=5.0e-3, max_length=96, seed=0, use_cpu=True, bf16=False, activation_checkpointing=False,
     logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none", dataloader_num_workers=0,
     disable_tqdm=True)
 SHORTER = {"aux": "length", "weight": -1}
