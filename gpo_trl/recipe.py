@@ -121,7 +121,17 @@ def _unknown_key_message(key: str, where: str, known: list[str]) -> str:
     name = key.lstrip("-").split("=")[0].replace("-", "_")
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else " Run `gpo-trl train --help` for all keys."
+    if not close and where == "the command line" and name in _accelerate_launch_options():
+        hint = (f" `--{name}` is an `accelerate launch` option: with `gpo-trl train` it goes after `--`, e.g. "
+                f"`gpo-trl train --config r.yaml -- --{name} ...` (see `gpo-trl train --help`).")
     return f"Unknown key {name!r} in {where}.{hint}"
+
+
+def _accelerate_launch_options() -> set[str]:
+    from accelerate.commands.launch import launch_command_parser
+
+    return {option.lstrip("-").replace("-", "_") for action in launch_command_parser()._actions
+            for option in action.option_strings}
 
 
 def main(script_args, training_args, model_args, dataset_args):
