@@ -199,9 +199,12 @@ def train(argv: list[str]) -> int:
 
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    from .reach import CHECKED_ENV, check_recipe_sources
     from .recipe import parse_args
 
-    parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
+    parsed = parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
+    check_recipe_sources(*parsed)  # and on a model or dataset that cannot be reached (gpo_trl.reach)
+    os.environ[CHECKED_ENV] = parsed[2].model_name_or_path  # the launched recipe need not ask the Hub again
     accelerate_args = parse_accelerate_args(launch_flags, recipe_args, launch_command_parser())
     _forward_signals_to_children()
     # Several processes run under torchrun's agent, in this process, which by default takes SIGTERM/SIGINT over

@@ -24,6 +24,7 @@ from .data import DataArguments
 from .errors import ConfigError, DataError
 from .guards import NonFiniteError, last_complete_checkpoint, write_text_atomic
 from .hub import PushError
+from .reach import CHECKED_ENV, check_recipe_sources
 
 
 @dataclass
@@ -158,6 +159,8 @@ def main(script_args, training_args, model_args, dataset_args):
         with PartialState().main_process_first():  # rank 0 writes, the others then read
             prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
 
+    if os.environ.get(CHECKED_ENV) != model_args.model_name_or_path:  # `gpo-trl train` has checked them already
+        check_recipe_sources(script_args, training_args, model_args, dataset_args)
     # Tokenizer and data first: every row is checked before the (expensive) model is loaded.
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                               trust_remote_code=training_args.trust_remote_code)
