@@ -83,6 +83,13 @@ class CommandParser(argparse.ArgumentParser):
         return super().parse_known_args(normalize_flags(args, list(self._option_string_actions)), namespace)
 
     def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        known = list(self._option_string_actions)
+        for token in normalize_flags(args, known):  # an unknown option first, before "X is required"
+            if token == "--":
+                break
+            if token.startswith("--") and token.split("=")[0] not in self._option_string_actions:
+                self.error(f"unknown option {token.split('=')[0]}.{suggest(token, known)}")
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
             flag = next((token for token in extra if token.startswith("-")), None)

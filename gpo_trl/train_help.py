@@ -96,7 +96,7 @@ def generate_keys() -> dict:
 
     def rows(cls, names):
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        return [(name, _type_name(fields[name].type), _default(fields[name]),
+        return [(name, _declared_type(cls, name), _default(fields[name]),
                  fields[name].metadata.get("help", "").replace("%%", "%")) for name in names]
 
     own_config = [n for n in GPOConfig.__annotations__ if n != "gradient_checkpointing"]  # a deprecated alias
@@ -111,8 +111,14 @@ def generate_keys() -> dict:
     }
 
 
-def _type_name(kind) -> str:
-    return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+def _declared_type(cls, name: str) -> str:
+    """The annotation as written (HfArgumentParser replaces `field.type` with what it parses, e.g. `str | None` by
+    `str`, once a parser has been built)."""
+    for klass in cls.__mro__:
+        kind = vars(klass).get("__annotations__", {}).get(name)
+        if kind is not None:
+            return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    raise KeyError(name)
 
 
 def _default(field) -> str:
