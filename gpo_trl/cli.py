@@ -203,6 +203,9 @@ def train(argv: list[str]) -> int:
     argv, passthrough = split_passthrough(argv)
     launch, recipe_args = split_launch_args(argv)
     launch_flags = accelerate_launch_args(launch) + passthrough  # a bad launch option fails here, in a blink
+    from .reach import check_model_early
+
+    check_model_early(recipe_args)  # an unreachable model fails here too, before TRL is imported (gpo_trl.reach)
 
     from accelerate.commands.launch import launch_command, launch_command_parser
 

@@ -13,11 +13,13 @@ as in transformers and datasets; only the `base:` of a sweep or iterate file is 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from .errors import ConfigError, DataError
 
 CHECKED_ENV = "GPO_TRL_SOURCES_CHECKED"  # set by `gpo-trl train` once checked, so the launched recipe skips it
+_checked: set[tuple[str, str, str | None]] = set()  # (id, kind, revision) found loadable in this process
 
 
 class HubAccessError(ConfigError):
@@ -42,6 +44,30 @@ def check_recipe_sources(script_args, training_args, model_args, dataset_args):
             check_source(source.path, "dataset", source.revision)
 
 
+def check_model_early(recipe_args: list[str]):
+    """The recipe's model, read from `--config` and the overrides without the recipe parser (which imports TRL,
+    seconds): an unreachable model then fails in about a second. The full check follows the parse."""
+    import yaml
+
+    values = {}
+    if "--config" in recipe_args and recipe_args.index("--config") + 1 < len(recipe_args):
+        try:
+            values = yaml.safe_load(Path(recipe_args[recipe_args.index("--config") + 1]).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return  # the recipe parser reports it
+    tokens = iter(recipe_args)
+    for token in tokens:
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            values[name.replace("-", "_")] = value if eq else next(tokens, None)
+    if not isinstance(values, dict) or str(values.get("prepare_demo_assets", "")).lower() in ("true", "1", "yes"):
+        return
+    model = values.get("model_name_or_path")
+    if isinstance(model, str) and model:
+        revision = values.get("model_revision")
+        check_source(model, "model", revision if isinstance(revision, str) else None)
+
+
 def check_data_files(data_files):
     """A local `data_files` entry that does not exist is named, with the directory it was looked for in."""
     if data_files is None:
@@ -58,7 +84,8 @@ def check_data_files(data_files):
 
 def check_source(repo_id: str, kind: str, revision: str | None = None):
     """`kind` is "model" or "dataset". Returns quietly when `repo_id` can be loaded; raises HubAccessError when not."""
-    if Path(repo_id).expanduser().exists():
+    revision = None if revision == "main" else revision
+    if Path(repo_id).expanduser().exists() or (repo_id, kind, revision) in _checked:
         return
     from huggingface_hub import constants
     from huggingface_hub.errors import HFValidationError
@@ -70,19 +97,46 @@ def check_source(repo_id: str, kind: str, revision: str | None = None):
         raise HubAccessError(f"{kind.capitalize()} {repo_id!r} is neither an existing path (relative paths resolve "
                              f"against the working directory, {os.getcwd()}) nor a valid Hub id.") from None
     offline = constants.HF_HUB_OFFLINE or (kind == "dataset" and _datasets_offline())
-    if _cached(repo_id, kind):
-        return
+    cached = _cached(repo_id, kind)
+    _probe_or_raise(repo_id, kind, revision, offline, cached)
+    _checked.add((repo_id, kind, revision))
+
+
+def _probe_or_raise(repo_id: str, kind: str, revision: str | None, offline: bool, cached: bool):
     if offline:
-        raise HubAccessError(_message(repo_id, kind, "offline mode is on (HF_HUB_OFFLINE=1"
-                                      + (" or HF_DATASETS_OFFLINE=1" if kind == "dataset" else "")
-                                      + "), so nothing is downloaded"))
-    cause = _probe(repo_id, kind, revision)
-    if cause:
+        if not cached:
+            raise HubAccessError(_message(repo_id, kind, "offline mode is on (HF_HUB_OFFLINE=1"
+                                          + (" or HF_DATASETS_OFFLINE=1" if kind == "dataset" else "")
+                                          + "), so nothing is downloaded"))
+        return
+    failure = _probe(repo_id, kind, revision)
+    if failure is None:
+        return
+    no_network, cause = failure
+    if not cached:
         raise HubAccessError(_message(repo_id, kind, cause))
+    if no_network:
+        # transformers and peft would ask the Hub about every cached file, retrying each for ~25 s (measured: a
+        # 2-step run of a cached tiny model took 2 min 42 s). The cache is what they would fall back to anyway.
+        go_offline()
+        print(f"gpo-trl: {cause[0].upper()}{cause[1:]}; using the cached copy of {repo_id!r} (offline mode for "
+              "this run; set HF_HUB_OFFLINE=1 to skip this check).", file=sys.stderr)
 
 
-def _probe(repo_id: str, kind: str, revision: str | None) -> str | None:
-    """None when the Hub answers for this repository; else the cause, in words."""
+def go_offline():
+    """Offline mode for the rest of this process and its children: what HF_HUB_OFFLINE=1 at start-up would do."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # children, and peft, read these
+    constants.HF_HUB_OFFLINE = True  # huggingface_hub and transformers read this one
+    if "datasets" in sys.modules:
+        from datasets import config
+
+        config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = True
+
+
+def _probe(repo_id: str, kind: str, revision: str | None) -> tuple[bool, str] | None:
+    """None when the Hub answers for this repository; else (no network?, the cause in words)."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -91,15 +145,16 @@ def _probe(repo_id: str, kind: str, revision: str | None) -> str | None:
     except GatedRepoError:
         return None  # it exists; downloading it needs `hf auth login` and access, which transformers explains
     except RevisionNotFoundError:
-        return f"the Hub has no revision {revision!r} of it"
+        return False, f"the Hub has no revision {revision!r} of it"
     except RepositoryNotFoundError:
-        return (f"the Hub ({constants.ENDPOINT}) has no {kind} with this id, or it is private (log in with "
-                "`hf auth login`)")
+        return False, (f"the Hub ({constants.ENDPOINT}) has no {kind} with this id, or it is private (log in with "
+                       "`hf auth login`)")
     except HfHubHTTPError as err:
-        return f"the Hub ({constants.ENDPOINT}) answered {err.response.status_code if err.response else 'an error'}"
-    except Exception as err:  # httpx/requests connection errors and timeouts, OSError: no route to the Hub
-        return (f"there is no network access to the Hub ({constants.ENDPOINT}: {type(err).__name__}: "
-                f"{str(err)[:120] or 'no answer'})")
+        status = err.response.status_code if err.response is not None else "an error"
+        return False, f"the Hub ({constants.ENDPOINT}) answered {status}"
+    except Exception as err:  # httpx connection errors and timeouts, OSError: no route to the Hub
+        return True, (f"there is no network access to the Hub ({constants.ENDPOINT}: {type(err).__name__}: "
+                      f"{str(err)[:120] or 'no answer'})")
     return None
 
 
