@@ -85,6 +85,12 @@ def test_demo_learns_on_held_out_topics(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert f"written to {tmp_path / 'out'}" in result.stdout
+    # Quiet: no warning of any kind on stderr (progress bars only); stdout is the data check, the logged metrics
+    # (one dict per logging_steps) and the summary, as the docs show it.
+    assert not warning_lines(result.stderr), warning_lines(result.stderr)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines[0] == "Data check:" and lines[-1] == f"Model/adapter written to {tmp_path / 'out'}"
+    assert sum(line.startswith("{'") for line in lines) == 10 and len(lines) == 3 + 10 + 8
 
 
 @pytest.mark.slow
@@ -271,3 +277,23 @@ def test_an_unknown_option_gets_a_suggestion():
     assert result.returncode == 2 and "unknown option --adapter_pth. Did you mean `--adapter_path`?" in result.stderr
     result, _ = light("sweep", "--config", "s.yaml", "--emit-slurms", "d")
     assert result.returncode == 2 and "Did you mean `--emit_slurm`?" in result.stderr
+
+
+def warning_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if re.search(r"Warning\b|warnings\.warn|is deprecated|Skipping publisher trust", line)]
+
+
+@pytest.mark.slow
+def test_quiet_by_default_and_verbose_brings_the_library_lines_back(tmp_path):
+    """With activation checkpointing on, peft and TRL 1.16 call transformers' deprecated `*gradient_checkpointing*`
+    names; gpo_trl's own configs and calls use the new ones. Default: no warning line; --verbose: they are back."""
+    args = ["train", "--config", DEMO, *demo_paths(tmp_path), "--max_steps", "1", "--eval_before_training", "false",
+            "--activation-checkpointing", "true"]
+    quiet = gpo_trl(*args, cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert not warning_lines(quiet.stderr), warning_lines(quiet.stderr)
+    verbose = gpo_trl("--verbose", *args, cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "FutureWarning: `is_gradient_checkpointing` is deprecated" in verbose.stderr
+    assert "`activation_checkpointing` instead" not in verbose.stderr  # gpo_trl's own configs: the new name
