@@ -90,8 +90,11 @@ def load_prompts(source: PreferenceSource, max_prompts: int | None = None) -> li
     from datasets import load_dataset
 
     from .data import _builder_for
+    from .reach import check_data_files
 
-    dataset = load_dataset(source.path or _builder_for(source.data_files), name=source.name, split=source.split,
+    path = source.path or _builder_for(source.data_files)
+    check_data_files(source.data_files)  # a missing file: one line naming it, not datasets' traceback
+    dataset = load_dataset(path, name=source.name, split=source.split,
                            revision=source.revision, data_dir=source.data_dir, data_files=source.data_files)
     if source.column_map:
         dataset = dataset.rename_columns(source.column_map)

@@ -109,3 +109,16 @@ def test_local_paths_and_missing_files(tmp_path, monkeypatch):
     check_data_files({"train": "here.jsonl", "test": ["*.jsonl"]})
     with pytest.raises(DataError, match=f"'prompts.jsonl' does not exist .* working directory, {tmp_path}"):
         check_data_files(["here.jsonl", "prompts.jsonl"])
+
+
+def test_a_missing_data_file_is_named_where_data_and_prompts_load(tmp_path, monkeypatch):
+    """Training sources and iterate/generate prompts: one line naming the file and the directory, not datasets'
+    40-line traceback."""
+    from gpo_trl.data import PreferenceSource, load_source
+    from gpo_trl.generation import load_prompts
+
+    monkeypatch.chdir(tmp_path)
+    source = PreferenceSource(path="json", data_files="prompts.jsonl")
+    for load in (load_source, load_prompts):
+        with pytest.raises(DataError, match="'prompts.jsonl' does not exist .* not against the YAML file"):
+            load(source)
