@@ -214,7 +214,7 @@ def train(argv: list[str]) -> int:
 
     parsed = parse_args(recipe_args)  # fail here, before any process starts, on a bad recipe
     check_recipe_sources(*parsed)  # and on a model or dataset that cannot be reached (gpo_trl.reach)
-    os.environ[CHECKED_ENV] = parsed[2].model_name_or_path  # the launched recipe need not ask the Hub again
+    os.environ[CHECKED_ENV] = parsed[2].model_name_or_path or ""  # the launched recipe need not ask the Hub again
     accelerate_args = parse_accelerate_args(launch_flags, recipe_args, launch_command_parser())
     _forward_signals_to_children()
     # Several processes run under torchrun's agent, in this process, which by default takes SIGTERM/SIGINT over

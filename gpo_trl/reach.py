@@ -34,7 +34,8 @@ def check_recipe_sources(script_args, training_args, model_args, dataset_args):
     if script_args.ref_model_name_or_path:
         models.append((script_args.ref_model_name_or_path, None))
     for repo_id, revision in models:
-        check_source(repo_id, "model", revision)
+        if repo_id:  # no model at all is TRL's error to report
+            check_source(repo_id, "model", revision)
     sources = dataset_args.datasets or []
     if not sources and script_args.dataset_name:
         check_source(script_args.dataset_name, "dataset")
