@@ -57,7 +57,7 @@ def make_trainer(kind: str, model_path: Path, dataset, args, lora: bool, precomp
                  loss: str = "logistic", **layout):
     common = dict(output_dir=str(out), use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16",
                   model_init_kwargs={"dtype": args.dtype, "attn_implementation": "sdpa"},
-                  gradient_checkpointing=False, report_to=[], seed=args.seed, save_strategy="no", logging_steps=1,
+                  activation_checkpointing=False, report_to=[], seed=args.seed, save_strategy="no", logging_steps=1,
                   per_device_train_batch_size=args.batch, max_length=args.max_length, learning_rate=1e-5,
                   precompute_ref_log_probs=precompute, dataloader_num_workers=0, disable_tqdm=True)
     if kind == "trl":

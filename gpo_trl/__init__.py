@@ -10,8 +10,10 @@ from importlib.metadata import version
 from packaging.version import Version
 
 from .fourbit import hold_back_import_warning
+from .quiet import hold_back_library_warnings
 
 hold_back_import_warning()  # before peft imports bitsandbytes: its optional-kernel warning is not an error
+hold_back_library_warnings()  # deprecation lines from peft's/TRL's calls, shown again with --verbose (gpo_trl.quiet)
 
 # GPOTrainer mirrors a few TRL internals (the fused LM head's outputs, the `_metrics` store, the collator's
 # [chosen; rejected] layout). They were checked against this TRL minor version only. The installed distribution's

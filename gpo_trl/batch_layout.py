@@ -12,9 +12,10 @@ Contract (`BatchLayout`, a mixin of `GPOTrainer`):
   reference precompute).
 - Relies on these internals: TRL 1.16's `data_collator` (a `DataCollatorForPreference` stacking [chosen; rejected]),
   its model call with `fused_lm_head=True` (outputs `log_probs`, `entropy`, `mean_logits`, `is_top1`,
-  `log_sum_sq_probs`), `compute_ref_log_probs`' contexts for the reference pass (`use_adapter`,
-  `disable_gradient_checkpointing`), `_tokenizer`, and the fact that TRL 1.16 turns `padding_free` off for DPO (the
-  trainer hides it from TRL's `__init__`).
+  `log_sum_sq_probs`), `compute_ref_log_probs`' contexts for the reference pass (`use_adapter`, and
+  `disable_gradient_checkpointing`, redone here as `activation_checkpointing_off` under transformers 5's names),
+  `_tokenizer`, and the fact that TRL 1.16 turns `padding_free` off for DPO (the trainer hides it from TRL's
+  `__init__`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import contextlib
 
 import torch
 from accelerate.utils import is_peft_model
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import packing, trl_compat
@@ -31,6 +31,21 @@ from .auxiliary import REWARD_COLUMNS
 
 # Batch keys the collators add that are not model inputs
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *REWARD_COLUMNS}
+
+
+
+@contextlib.contextmanager
+def activation_checkpointing_off(model, checkpointing_kwargs: dict | None):
+    """TRL's `disable_gradient_checkpointing` under transformers 5's names (the old ones warn on every reference
+    pass): recomputation is pointless without gradients, and is restored afterwards."""
+    was_on = model.is_activation_checkpointing
+    if was_on:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            model.activation_checkpointing_enable(checkpointing_kwargs)
 
 
 class BatchLayout:
@@ -116,7 +131,7 @@ class BatchLayout:
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+        with (torch.no_grad(), activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
             per_token_logps = self._forward(ref_model, inputs, fields=("log_probs",)).log_probs
         return trl_compat.sequence_logps(per_token_logps, inputs["completion_mask"][:, 1:], self.ld_alpha).chunk(2)

@@ -92,6 +92,19 @@ class GPOConfig(DPOConfig):
             `skip` (drop the batch, count it in `gpo/skipped_batches`).
     """
 
+    # TRL's base config defaults the deprecated `gradient_checkpointing` to True, so transformers 5 warned on every
+    # config ("use activation_checkpointing"). TRL's default is kept under the new name (set in __post_init__ when
+    # neither is given); the old name still works for recipes that use it, and warns as transformers intends.
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (removed in transformers v6)."},
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (~20%% slower). Default: "
+                  "true (TRL's default)."},
+    )
+
     gpo_loss: str = field(
         default="logistic",
         metadata={
@@ -171,6 +184,8 @@ class GPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under the name transformers 5 asks for
         super().__post_init__()
         if not isinstance(self.beta, (int, float)) or not self.beta > 0 or self.beta == float("inf"):
             raise ValueError(f"`beta` must be a number > 0, got {self.beta!r}.")

@@ -32,6 +32,7 @@ from datasets import Dataset, Features, LargeList, List, Value, concatenate_data
 from trl.data_utils import extract_prompt
 
 from .errors import DataError
+from .inputs import check_data_files
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def make_source(mapping: dict) -> PreferenceSource:
 def load_source(source: PreferenceSource, seed: int = 0) -> Dataset:
     """Load one source, apply its column map and fraction, and keep the preference columns in an explicit-prompt form."""
     path = source.path or _builder_for(source.data_files)
+    check_data_files(source.data_files, f"{source.label}: `data_files`")  # one line naming it, not datasets' traceback
     dataset = load_dataset(path, name=source.name, split=source.split, revision=source.revision,
                            data_dir=source.data_dir, data_files=source.data_files)
     if source.column_map:

@@ -31,7 +31,9 @@ class _HoldBack(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().startswith(self.prefix):
             _held.append(record.getMessage())
-            return False
+            from .quiet import is_verbose
+
+            return is_verbose()  # `gpo-trl --verbose` shows it as logged
         return True
 
 

@@ -35,7 +35,6 @@ only where it holds nothing but an earlier evaluation's files; `--overwrite` rep
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -294,18 +293,9 @@ def format_table(summaries: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="gpo-trl evaluate --generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generate", action="store_true", help="evaluate one policy (--adapter_path)")
-    parser.add_argument("--compare", action="store_true", help="evaluate the policies given as arguments")
-    parser.add_argument("--config", required=True, help="the generation-evaluation file")
-    parser.add_argument("--adapter_path", help="with --generate: an adapter directory or a full model")
-    parser.add_argument("--out", help="output folder (default: <adapter>/generate_eval; with --compare: each "
-                        "policy's own, plus the table in ./generate_compare)")
-    parser.add_argument("--overwrite", action="store_true", help="replace output folders even where they hold files "
-                        "gpo-trl did not write there (they are deleted)")
-    parser.add_argument("policies", nargs="*", help="with --compare: the policies (adapter or model directories)")
-    args = parser.parse_args(argv)
+    from .cli import generate_eval_parser  # the parser lives with the command line, which builds it without torch
+
+    args = generate_eval_parser().parse_args(argv)
     if args.generate == args.compare:
         raise ConfigError("Use `--generate --adapter_path DIR` or `--compare DIR1 DIR2 ...`, not both.")
     settings = load_settings(args.config)

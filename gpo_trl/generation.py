@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
@@ -124,13 +123,9 @@ def load_prompts(source: PreferenceSource, max_prompts: int | None = None) -> li
     from datasets import load_dataset
 
     from .data import _builder_for
+    from .inputs import check_data_files
 
-    for path in _local_files(source.data_files):
-        if not Path(path).is_file():
-            raise DataError(f"{source.label}: prompts file {path} does not exist. Fix `prompts: {{data_files: ...}}` "
-                            "(a path relative to where you run the command).")
-        if Path(path).stat().st_size == 0:
-            raise DataError(f"{source.label}: prompts file {path} is empty; it needs one prompt per row.")
+    check_data_files(source.data_files, f"{source.label}: `prompts`")
     dataset = load_dataset(source.path or _builder_for(source.data_files), name=source.name, split=source.split,
                            revision=source.revision, data_dir=source.data_dir, data_files=source.data_files)
     if source.column_map:
@@ -154,15 +149,6 @@ def load_prompts(source: PreferenceSource, max_prompts: int | None = None) -> li
     if not prompts:
         raise DataError(f"{source.label}: no prompts (0 rows).")
     return prompts
-
-
-def _local_files(data_files) -> list[str]:
-    """The paths named in `data_files` (a string, a list, or {split: either}) that are not URLs or patterns."""
-    if data_files is None:
-        return []
-    values = data_files.values() if isinstance(data_files, dict) else [data_files]
-    paths = [p for v in values for p in ([v] if isinstance(v, str) else v)]
-    return [p for p in paths if "://" not in p and not any(c in p for c in "*?[")]
 
 
 def prompt_text(tokenizer, prompt) -> str:

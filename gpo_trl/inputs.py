@@ -42,22 +42,25 @@ def check_model_source(name: str, key: str, adapter_ok: bool = False, files: tup
                                 "set, so it cannot be downloaded). Check the path, or download it first.")
 
 
-def check_data_files(data_files, key: str):
-    """Every local data file a `datasets:`-style entry names must exist and not be empty."""
-    if data_files is None:
-        return
-    if isinstance(data_files, dict):
-        names = [f for value in data_files.values() for f in ([value] if isinstance(value, str) else value)]
-    else:
-        names = [data_files] if isinstance(data_files, str) else list(data_files)
-    for name in names:
-        if "://" in str(name) or any(c in str(name) for c in "*?["):
-            continue  # remote or a glob: datasets resolves those
+def check_data_files(data_files, key: str = "`data_files`"):
+    """Every local file a `data_files` entry names (a string, a list, or {split: either}; URLs and globs are left to
+    datasets) must exist and hold something: one line naming it, not datasets' traceback."""
+    for name in local_data_files(data_files):
         path = Path(name).expanduser()
         if not path.exists():
-            raise MissingInputError(f"{key}: the data file {name} does not exist.")
+            raise MissingInputError(f"{key}: the data file {name} does not exist (relative `data_files` paths "
+                                    f"resolve against the working directory, {os.getcwd()}, not against the YAML file).")
         if path.is_file() and _blank(path):
             raise MissingInputError(f"{key}: the data file {name} is empty.")
+
+
+def local_data_files(data_files) -> list[str]:
+    """The paths named in `data_files` that are not URLs or patterns."""
+    if data_files is None:
+        return []
+    values = data_files.values() if isinstance(data_files, dict) else [data_files]
+    names = [str(f) for value in values for f in ([value] if isinstance(value, (str, os.PathLike)) else value)]
+    return [n for n in names if "://" not in n and not any(c in n for c in "*?[")]
 
 
 def _blank(path: Path) -> bool:

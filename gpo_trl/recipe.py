@@ -29,6 +29,7 @@ from .errors import ConfigError, DataError
 from .guards import NonFiniteError, last_complete_checkpoint
 from .hub import PushError
 from .inputs import check_model_source
+from .reach import CHECKED_ENV, check_recipe_sources
 
 
 @dataclass
@@ -134,7 +135,17 @@ def _unknown_key_message(key: str, where: str, known: list[str]) -> str:
     name = key.lstrip("-").split("=")[0].replace("-", "_")
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else " Run `gpo-trl train --help` for all keys."
+    if not close and where == "the command line" and name in _accelerate_launch_options():
+        hint = (f" `--{name}` is an `accelerate launch` option: with `gpo-trl train` it goes after `--`, e.g. "
+                f"`gpo-trl train --config r.yaml -- --{name} ...` (see `gpo-trl train --help`).")
     return f"Unknown key {name!r} in {where}.{hint}"
+
+
+def _accelerate_launch_options() -> set[str]:
+    from accelerate.commands.launch import launch_command_parser
+
+    return {option.lstrip("-").replace("-", "_") for action in launch_command_parser()._actions
+            for option in action.option_strings}
 
 
 def main(script_args, training_args, model_args, dataset_args):
@@ -162,6 +173,8 @@ def main(script_args, training_args, model_args, dataset_args):
         with PartialState().main_process_first():  # rank 0 writes, the others then read
             prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
 
+    if os.environ.get(CHECKED_ENV) != model_args.model_name_or_path:  # `gpo-trl train` has checked them already
+        check_recipe_sources(script_args, training_args, model_args, dataset_args)
     # (a tokenizer alone is enough to reach the data checks, which come first)
     check_model_source(model_args.model_name_or_path, "`model_name_or_path`", adapter_ok=True,
                        files=("config.json", "tokenizer_config.json"))

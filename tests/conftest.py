@@ -75,7 +75,7 @@ def console_script(name: str) -> str:
 
 def cpu_args(**overrides) -> dict:
     """Training arguments for fast deterministic float32 CPU runs."""
-    args = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], seed=0, save_strategy="no",
+    args = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to=[], seed=0, save_strategy="no",
                 logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0, max_length=64,
                 learning_rate=1e-2, disable_tqdm=True)
     args.update(overrides)

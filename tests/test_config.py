@@ -142,3 +142,19 @@ def test_every_recipe_in_the_tree_parses(recipe):
     script, training, model, data = parse_args(["--config", str(REPO / recipe), "--use_cpu", "true"])
     assert model.model_name_or_path and (script.dataset_name or data.datasets)
     assert training.build_loss() is not None
+
+
+def test_checkpointing_keeps_trls_default_under_the_new_name():
+    """TRL's base config defaults the deprecated `gradient_checkpointing` to True, which made transformers 5 warn on
+    every config. GPOConfig keeps that default as `activation_checkpointing` without a warning; the old name still
+    works (and warns, as transformers intends, for a recipe that uses it)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert config().activation_checkpointing is True and config().gradient_checkpointing is True
+        off = config(activation_checkpointing=False)
+        assert off.activation_checkpointing is False and off.gradient_checkpointing is False
+    with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):
+        old = config(gradient_checkpointing=False)
+    assert old.activation_checkpointing is False

@@ -24,7 +24,7 @@ from gpo_trl.recipe import ConfigError
 BASE_RECIPE = dict(
     gpo_loss="logistic", beta=0.1, use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
     lora_target_modules="all-linear", output_dir="unused", num_train_epochs=3, per_device_train_batch_size=8,
-    learning_rate=5.0e-3, max_length=96, seed=0, use_cpu=True, bf16=False, gradient_checkpointing=False,
+    learning_rate=5.0e-3, max_length=96, seed=0, use_cpu=True, bf16=False, activation_checkpointing=False,
     logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none", dataloader_num_workers=0,
     disable_tqdm=True)
 SHORTER = {"aux": "length", "weight": -1}
@@ -428,8 +428,8 @@ def _unrelated_files_in_output_dir(path: Path):
 # (what is wrong: a change to the iterate file, a setup of its folder), the message; all before any sampling
 BAD_ITERATE_RUNS = {
     "missing prompts file": ({"prompts": {"data_files": "missing.jsonl"}}, None,
-                             "prompts file missing.jsonl does not exist"),
-    "empty prompts file": ({"prompts": {"data_files": "EMPTY"}}, None, "is empty; it needs one prompt per row"),
+                             "data file missing.jsonl does not exist"),
+    "empty prompts file": ({"prompts": {"data_files": "EMPTY"}}, None, "EMPTY is empty"),
     "output_dir is a file": ({"output_dir": "FILE"}, None, "is a file; iterate writes a folder of rounds there"),
     "unknown launch option": ({"launch": ["--num_proceses", "2"]}, None,
                               "`launch` has '--num_proceses', which is not a launch option"),

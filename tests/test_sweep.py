@@ -103,6 +103,35 @@ def test_plots_tick_at_the_grid_values_and_colour_by_loss(tmp_path):
         load_sweep(str(write_sweep(tmp_path, plots=[{"x": "beta", "y": "eval_loss", "yscale": "symlog"}])))
 
 
+def test_plot_axes_are_in_words_with_units_and_a_caption(tmp_path):
+    """Axes say what they measure and in which unit; the raw results.csv column is under each axis in small
+    print; a caption line says what to look for; an unknown column is its own label; `caption:` overrides."""
+    from gpo_trl.experiments.labels import describe
+    from gpo_trl.experiments.sweep import plot_figure
+
+    sweep = load_sweep(str(write_sweep(tmp_path)))
+    rows = [{"gpo_loss": loss, "beta": beta, "eval_gpo/offline_reg": i + 1.0, "eval_logps/chosen": -50.0 - i,
+             "my_metric": float(i)} for i, (loss, beta) in enumerate([("logistic", 0.1), ("logistic", 0.5),
+                                                                      ("hinge", 0.1), ("hinge", 0.5)])]
+    figure = plot_figure(rows, sweep, {"x": "eval_gpo/offline_reg", "y": "eval_logps/chosen"})
+    axis = figure.axes[0]
+    assert axis.get_xlabel() == "held-out offline regulariser ½E[ρ²] (nats²)"
+    assert axis.get_ylabel().replace("\n", " ") == "held-out log-likelihood of chosen answers (nats per answer)"
+    small = {t.get_text(): t.get_fontsize() for t in axis.texts}
+    assert set(small) == {"eval_gpo/offline_reg", "eval_logps/chosen"} and max(small.values()) < 8
+    caption = " ".join(t.get_text() for t in figure.texts).replace("\n", " ")
+    assert caption.startswith("Each point is one run, coloured by gpo_loss.") and "over-optimisation" in caption
+    assert axis.get_title().startswith("Held-out log-likelihood of chosen answers vs")
+
+    figure = plot_figure(rows, sweep, {"x": "beta", "y": "my_metric", "caption": "Flat is good."})
+    axis = figure.axes[0]
+    assert axis.get_xlabel() == "β, regularisation strength" and axis.get_ylabel() == "my_metric"
+    assert [t.get_text() for t in axis.texts] == ["beta"]  # my_metric is its own label: no small print twice
+    assert [t.get_text() for t in figure.texts] == ["Flat is good."]
+    assert describe("before_eval_rewards/accuracies").words.startswith("held-out, before training: reward accuracy")
+    assert describe("gen/kl").unit == "nats per sample" and describe("eval_gpo/margin").unit == "nats"
+
+
 def fake_run_record(point_dir, loss, beta):
     """A point's gpo_run.json, in the layout the recipe writes (write_run_record), without training."""
     point_dir.mkdir(parents=True)

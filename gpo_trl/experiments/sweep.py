@@ -10,7 +10,9 @@
     launch: [--num_processes, "1"]      # options for the launcher, as for `gpo-trl train`
     plots:                              # PNGs next to the results table
       - {x: beta, y: eval_rewards/accuracies}
-      - {x: eval_gpo/offline_reg, y: eval_logps/chosen, xscale: log}   # also: yscale
+      - {x: eval_gpo/offline_reg, y: eval_logps/chosen, xscale: log}   # also: yscale, caption
+                                        # axes are labelled in words and units (gpo_trl/experiments/labels.py),
+                                        # the results.csv column in small print; the caption says what to look for
     evaluate_generate: generate.yaml    # optional: `gpo-trl evaluate --generate` per point, as gen/* columns
                                         # (gen/judge_mean, gen/kl, gen/win_rate, ...), e.g. for a plot of
                                         # {x: gen/kl, y: gen/judge_mean}
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import DataError
+from .labels import caption, describe
 from ..recipe import ConfigError, parse_args, read_yaml_file
 
 _KEYS = {"base", "output_dir", "grid", "overrides", "launch", "plots", "evaluate_generate"}
@@ -207,7 +210,7 @@ def write_tables(sweep: Sweep) -> list[dict]:
     return rows
 
 
-_PLOT_KEYS = {"x", "y", "xscale", "yscale"}
+_PLOT_KEYS = {"x", "y", "xscale", "yscale", "caption"}
 _MARKERS = "osD^vP*Xh<>"
 
 
@@ -253,7 +256,7 @@ def plot_figure(rows: list[dict], sweep: Sweep, plot: dict):
     markers = _marker_styles(sweep, marker_keys)
     order = {tuple(p.values()): i for i, p in enumerate(sweep.points())}
     usable = sorted((r for r in rows if x in r and y in r), key=lambda r: order.get(tuple(r[k] for k in sweep.grid), 0))
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    figure, axis = plt.subplots(figsize=(6.4, 4.6))
     by_x_grid = x in sweep.grid
     series: dict[tuple, list] = {}
     for row in usable:
@@ -283,12 +286,30 @@ def plot_figure(rows: list[dict], sweep: Sweep, plot: dict):
                     for v, m in markers.items()]
     if handles:
         axis.legend(handles=handles, fontsize=8, ncol=2 if len(handles) > 6 else 1)
-    axis.set_xlabel(x)
-    axis.set_ylabel(y)
-    axis.set_title(f"{y} vs {x}", fontsize=10)
+    label_axes(figure, axis, x, y, plot.get("caption") or caption(x, y, colour_key))
     axis.grid(alpha=0.3)
-    figure.tight_layout()
     return figure
+
+
+def label_axes(figure, axis, x: str, y: str, caption_text: str):
+    """Axes in words with their unit, the results.csv column under each in small print, a caption at the bottom."""
+    import textwrap
+
+    x_label, y_label = describe(x), describe(y)
+    axis.set_xlabel(textwrap.fill(x_label.axis_text(), 70))
+    axis.set_ylabel(textwrap.fill(y_label.axis_text(), 36))
+    axis.set_title(textwrap.fill(f"{y_label.words[:1].upper()}{y_label.words[1:]} vs {x_label.words}", 75),
+                   fontsize=10)
+    small = dict(fontsize=7, color="0.35", textcoords="offset points", annotation_clip=False)
+    if x_label.words != x:
+        axis.annotate(x, xy=(0.5, 0), xycoords=axis.xaxis.label, xytext=(0, -1), ha="center", va="top", **small)
+    if y_label.words != y:
+        axis.annotate(y, xy=(0, 0.5), xycoords=axis.yaxis.label, xytext=(-1, 0), ha="right", va="center",
+                      rotation=90, **small)
+    figure.text(0.01, 0.01, "\n".join(textwrap.wrap(caption_text, 110)), fontsize=7.5, ha="left", va="bottom",
+                color="0.2")
+    lines = 1 + len(caption_text) // 110
+    figure.tight_layout(rect=(0, 0.035 * lines + 0.03, 1, 1))
 
 
 def _marker_styles(sweep: Sweep, marker_keys: list[str]) -> dict[tuple, str]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from .config import load_config
@@ -14,14 +12,9 @@ from .run import run_study
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="gpo-trl study", description=sys.modules[__package__].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the study file (configs/studies/*.yaml)")
-    parser.add_argument("--out", required=True, help="where results, tables and plots are written")
-    parser.add_argument("--seed", type=int, help="overrides the file's seed")
-    parser.add_argument("--replot", action="store_true",
-                        help="redraw tables and plots from the results already in --out, without training")
-    args = parser.parse_args(argv)
+    from ...cli import study_parser  # the parser lives with the command line, which builds it without torch
+
+    args = study_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_config(args.config)
     if args.seed is not None:
