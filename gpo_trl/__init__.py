@@ -28,7 +28,7 @@ if Version(_trl_installed).release[:2] != Version(_TRL_TESTED).release[:2]:
     )
 
 __version__ = "0.1.0"
-_PUBLIC = {"CalibrationError": "config", "GPOConfig": "config", "GPOLoss": "losses", "available_losses": "losses",
+_PUBLIC = {"CalibrationError": "errors", "GPOConfig": "config", "GPOLoss": "losses", "available_losses": "losses",
            "builtin_losses": "losses", "get_loss": "losses", "register_loss": "losses", "GPOTrainer": "trainer",
            "register_reward": "auxiliary"}
 __all__ = sorted(_PUBLIC)

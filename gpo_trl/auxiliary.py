@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import RewardError
+
 RewardFn = Callable[..., float]
 PROBE_ROW = {"prompt": "How do I make tea?", "completion": "Boil water, add the leaves, wait three minutes."}
 
@@ -155,10 +157,6 @@ def register_reward(name: str, fn: Callable | None = None, *, batched: bool = Fa
 
 
 # --- Building and checking the weighted reward --------------------------------------------------------------------
-
-
-class RewardError(ValueError):
-    """A reward function that cannot be used: it raised, or returned a non-number, NaN or inf."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@
     gpo-trl --version;  gpo-trl [--verbose] COMMAND ...;  gpo-trl COMMAND --help
 
 Every option is spelt `--snake_case` or `--kebab-case` alike. Each command is a thin layer over a function a Python
-user can call (gpo_trl.recipe.run / parse_args + main, evaluate_adapter, iterate.run_iterate, merge.merge_adapter,
+user can call (gpo_trl.recipe.run / parse_args + main, evaluate_adapter, online.iterate.run_iterate, merge.merge_adapter,
 experiments.sweep.run_sweep, hub.push_output_dir, ...); its parser is built here without importing torch,
 transformers or TRL, so every `--help` answers in well under 2 s.
 """
@@ -35,8 +35,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError, DataError, JudgeError
-from .hub import PushError
+from .errors import ConfigError, DataError, JudgeError, PushError
 
 # --- Flag spellings and parsers (light: nothing here imports torch, transformers or TRL) ---
 
@@ -339,7 +338,7 @@ def evaluate(argv: list[str]) -> int:
 
 
 def generate_eval_parser() -> CommandParser:
-    parser = CommandParser(prog="gpo-trl evaluate --generate", description=module_doc("gpo_trl.generate_eval"))
+    parser = CommandParser(prog="gpo-trl evaluate --generate", description=module_doc("gpo_trl.online.generate_eval"))
     parser.add_argument("--generate", action="store_true", help="evaluate one policy (--adapter_path)")
     parser.add_argument("--compare", action="store_true", help="evaluate the policies given as arguments")
     parser.add_argument("--config", required=True, help="the generation-evaluation file")
@@ -353,13 +352,13 @@ def generate_eval_parser() -> CommandParser:
 
 
 def evaluate_generate(argv: list[str]) -> int:
-    from .generate_eval import main as generate_main
+    from .online.generate_eval import main as generate_main
 
     return generate_main(argv)
 
 
 def iterate_parser() -> CommandParser:
-    parser = CommandParser(prog="gpo-trl iterate", description=module_doc("gpo_trl.iterate"))
+    parser = CommandParser(prog="gpo-trl iterate", description=module_doc("gpo_trl.online.iterate"))
     parser.add_argument("--config", required=True, help="the iterate file")
     parser.add_argument("--restart", action="store_true", help="delete the rounds in output_dir made with another "
                         "definition (recipe, judge, generation, pairing, prompts, seed) and start over")
@@ -368,7 +367,7 @@ def iterate_parser() -> CommandParser:
 
 def iterate(argv: list[str]) -> int:
     args = iterate_parser().parse_args(argv)
-    from .iterate import load_plan, run_iterate
+    from .online.iterate import load_plan, run_iterate
 
     plan = load_plan(args.config)  # the whole file and the round recipe are checked before any model loads
     rows = run_iterate(plan, restart=args.restart)
@@ -420,7 +419,8 @@ def merge_parser() -> CommandParser:
 
 def merge(argv: list[str]) -> int:
     args = merge_parser().parse_args(argv)
-    from .merge import MergeError, merge_adapter
+    from .errors import MergeError
+    from .merge import merge_adapter
 
     try:
         merge_adapter(args.adapter_path, args.output_dir, dtype=args.dtype, tolerance=args.tolerance,

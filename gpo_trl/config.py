@@ -15,17 +15,13 @@ from trl import DPOConfig
 
 from . import build
 from .auxiliary import WeightedReward, probe
+from .errors import CalibrationError
 from .losses import GPOLoss, available_losses, get_loss
 from .nonfinite import NONFINITE_POLICIES
 from .packing import PACKING_STRATEGIES
 from .trl_compat import LossPlan, check_options
 
 REFERENCES = ("model", "none")
-
-
-class CalibrationError(ValueError):
-    """`beta_calibration` cannot be applied: the loss or the reference has c_f = 0 (hinge), so there is no
-    curvature-based offline regulariser to match. A ValueError, so callers that catch those still do."""
 
 
 @dataclass

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import PushError
+
 _KEY_HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                         "gradient_accumulation_steps", "max_length", "lr_scheduler_type", "warmup_steps", "seed",
                         "precompute_ref_log_probs", "gpo_length_normalize", "gpo_reference", "gpo_margin", "sft_coef",
                         "beta_calibration", "aux_coef",
                         "aux_rewards")
-
-
-class PushError(RuntimeError):
-    """A push to the Hub failed; the local output is intact."""
 
 
 def model_card_section(trainer, datasets: list[str] | None) -> str:

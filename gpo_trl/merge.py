@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import check_output_dir, fault_point, recover, replace_dir
-from .errors import BaseMismatchError, ConfigError
+from .errors import BaseMismatchError, ConfigError, MergeError
 from .inputs import check_model_source
 
 # Largest accepted |merged - adapter-on-base| per-token log-prob difference. float32: exact up to rounding
@@ -41,10 +41,6 @@ PROBES = [
     "def add(a, b):\n    return a + b  # 1 + 2 == 3",
     "The quick brown fox jumps over the lazy dog; then it rests, quietly, by the river.",
 ]
-
-
-class MergeError(RuntimeError):
-    """The merged model failed its check, so nothing was written."""
 
 
 @dataclass

@@ -23,12 +23,10 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
+from .errors import NonFiniteError
+
 NONFINITE_POLICIES = ("stop", "skip")
 MIN_LOSS_SCALE = 1.0
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or the gradients became NaN or inf; raised before the optimizer step that would apply them."""
 
 
 def all_finite(accelerator, values: list[torch.Tensor]) -> bool:

@@ -16,15 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import HubAccessError
 from .inputs import check_data_files
 
 CHECKED_ENV = "GPO_TRL_SOURCES_CHECKED"  # set by `gpo-trl train` once checked, so the launched recipe skips it
 _checked: set[tuple[str, str, str | None]] = set()  # (id, kind, revision) found loadable in this process
-
-
-class HubAccessError(ConfigError):
-    """A model or dataset id that is neither a local path nor reachable on the Hub (or in its cache)."""
 
 
 def check_recipe_sources(script_args, training_args, model_args, dataset_args):

@@ -25,9 +25,8 @@ from .atomic import check_output_dir, fault_point, read_marker, recover, replace
 from .base_identity import base_identity
 from .config import GPOConfig
 from .data import DataArguments
-from .errors import ConfigError, DataError
-from .guards import NonFiniteError, last_complete_checkpoint
-from .hub import PushError
+from .errors import ConfigError, DataError, Interrupted, NonFiniteError, PushError
+from .guards import last_complete_checkpoint
 from .inputs import check_model_source
 from .reach import CHECKED_ENV, check_recipe_sources
 
@@ -209,7 +208,8 @@ def main(script_args, training_args, model_args, dataset_args):
     before = trainer.evaluate() if eval_dataset is not None and script_args.eval_before_training else None
     trainer.train(resume_from_checkpoint=resume_point(training_args))
     if trainer.preemption.signal is not None:
-        raise Interrupted(trainer)
+        raise Interrupted(trainer.preemption.signal, trainer.state.global_step,
+                          last_complete_checkpoint(trainer.args.output_dir))
     after = trainer.evaluate() if eval_dataset is not None else None
 
     save_final(trainer, training_args.output_dir, before, after)
@@ -334,18 +334,6 @@ def write_run_record(trainer, before: dict | None, after: dict | None, path: Pat
               "steps": trainer.state.global_step, "metrics": metrics,
               "base_model": getattr(trainer, "base_identity", None)}
     Path(path).write_text(json.dumps(record, indent=2))
-
-
-class Interrupted(RuntimeError):
-    """SIGTERM/SIGINT stopped training after saving a checkpoint; the run is resumable, not finished."""
-
-    def __init__(self, trainer):
-        checkpoint = last_complete_checkpoint(trainer.args.output_dir)
-        super().__init__(
-            f"Training was interrupted by signal {trainer.preemption.signal} at step {trainer.state.global_step}; "
-            f"checkpoint saved: {checkpoint}. No final model was written. Resume with the same command plus "
-            f"`--resume_from_checkpoint last`."
-        )
 
 
 def resume_point(training_args) -> str | None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from gpo_trl.generate_eval import evaluate_generation, format_table, load_settings
-from gpo_trl.iterate import load_plan, run_iterate
+from gpo_trl.online.generate_eval import evaluate_generation, format_table, load_settings
+from gpo_trl.online.iterate import load_plan, run_iterate
 
 EXAMPLE = Path("configs/iterate")
 

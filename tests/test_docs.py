@@ -208,11 +208,11 @@ def check_config_file(path: Path, content: dict):
 
         load_sweep(str(path))
     elif {"base", "rounds"} <= set(content):
-        from gpo_trl.iterate import load_plan
+        from gpo_trl.online.iterate import load_plan
 
         load_plan(str(path))
     elif {"prompts", "judge"} <= set(content):
-        from gpo_trl.generate_eval import load_settings
+        from gpo_trl.online.generate_eval import load_settings
 
         load_settings(str(path))
     else:

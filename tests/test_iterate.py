@@ -14,11 +14,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import read_jsonl
-from gpo_trl import iterate
+from gpo_trl.online import iterate
 from gpo_trl.cli import main as cli
 from gpo_trl.demo import save_talking_model
-from gpo_trl.generation import Sample, load_prompts
-from gpo_trl.judges import make_judge, make_pairs, score_samples
+from gpo_trl.online.generation import Sample, load_prompts
+from gpo_trl.online.judges import make_judge, make_pairs, score_samples
 from gpo_trl.recipe import ConfigError
 
 BASE_RECIPE = dict(
@@ -521,7 +521,7 @@ def test_a_round_interrupted_in_training_resumes_from_its_checkpoint(tiny_models
 def test_generation_config_processors_are_off_unless_asked_for(talking_model, prompt_files, tmp_path):
     """A model that ships repetition_penalty 1.3 samples what it samples without it; turned on in `processors`, the
     penalty applies and is named as what the samples (and a KL from them) were drawn with."""
-    from gpo_trl.generation import make_generation, sample_completions, shipped_processors
+    from gpo_trl.online.generation import make_generation, sample_completions, shipped_processors
 
     model = AutoModelForCausalLM.from_pretrained(talking_model).eval()
     tokenizer = AutoTokenizer.from_pretrained(talking_model)
@@ -549,7 +549,7 @@ def test_cluster_bootstrap_covers_with_prompt_effects():
     (75.4%)."""
     import numpy as np
 
-    from gpo_trl.generate_eval import bootstrap_ci
+    from gpo_trl.online.generate_eval import bootstrap_ci
 
     rng = np.random.default_rng(0)
     prompts, per_prompt, runs = 32, 4, 1000

@@ -116,7 +116,7 @@ def test_a_missing_data_file_is_named_where_data_and_prompts_load(tmp_path, monk
     """Training sources and iterate/generate prompts: one line naming the file and the directory, not datasets'
     40-line traceback."""
     from gpo_trl.data import PreferenceSource, load_source
-    from gpo_trl.generation import load_prompts
+    from gpo_trl.online.generation import load_prompts
 
     monkeypatch.chdir(tmp_path)
     source = PreferenceSource(path="json", data_files="prompts.jsonl")

@@ -39,7 +39,7 @@ def test_every_point_is_checked_before_anything_runs(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_resumes_and_tabulates(tmp_path, capsys, demo_rows):
-    # With `evaluate_generate:` each point is also sampled against its base (gpo_trl.generate_eval)
+    # With `evaluate_generate:` each point is also sampled against its base (gpo_trl.online.generate_eval)
     (tmp_path / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_rows["test"]))
     (tmp_path / "generate.yaml").write_text(yaml.safe_dump({
         "prompts": {"data_files": str(tmp_path / "held_out.jsonl")}, "max_prompts": 4,

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..generation import check_keys
+from ..online.generation import check_keys
 from ..guards import write_text_atomic
 from ..losses import available_losses
 from ..recipe import ConfigError

@@ -55,7 +55,7 @@ class Sweep:
     overrides: dict = field(default_factory=dict)
     launch: list[str] = field(default_factory=list)
     plots: list[dict] = field(default_factory=list)
-    evaluate_generate: Path | None = None  # a generation-evaluation file (gpo_trl.generate_eval)
+    evaluate_generate: Path | None = None  # a generation-evaluation file (gpo_trl.online.generate_eval)
 
     def points(self) -> list[dict]:
         keys = list(self.grid)
@@ -79,7 +79,7 @@ def load_sweep(path: str) -> Sweep:
                   plots=spec.get("plots") or [])
     check_plots(sweep.plots, path)
     if spec.get("evaluate_generate"):
-        from ..generate_eval import load_settings
+        from ..online.generate_eval import load_settings
 
         sweep.evaluate_generate = (path.parent / spec["evaluate_generate"]).resolve()
         load_settings(str(sweep.evaluate_generate))  # checked now, like the points
@@ -130,7 +130,7 @@ def mark_finished(sweep: Sweep, point: dict, point_dir: Path):
     """result.json: the point's settings, its final metrics and, with `evaluate_generate`, the gen/* columns."""
     result = collect(point, point_dir)
     if sweep.evaluate_generate is not None:
-        from ..generate_eval import generation_metrics
+        from ..online.generate_eval import generation_metrics
 
         result.update(generation_metrics(sweep.evaluate_generate, point_dir))
     write_text_atomic(point_dir / "result.json", json.dumps(result, indent=2))

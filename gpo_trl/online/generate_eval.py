@@ -6,7 +6,7 @@
     max_prompts: 64
     samples_per_prompt: 2
     generation: {max_new_tokens: 64, temperature: 1.0, top_p: 1.0, batch_size: 16}
-    judge: {aux: length, weight: -1}     # as in `gpo-trl iterate` (gpo_trl.judges)
+    judge: {aux: length, weight: -1}     # as in `gpo-trl iterate` (gpo_trl.online.judges)
     bootstrap_samples: 1000
     seed: 0
 
@@ -43,15 +43,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from .auxiliary import as_text
-from .data import PreferenceSource
+from ..atomic import check_output_dir, recover, replace_dir
+from ..auxiliary import as_text
+from ..data import PreferenceSource
+from ..errors import MissingInputError
+from ..inputs import check_data_files, check_model_source
+from ..recipe import ConfigError, read_yaml_file
 from .generation import (GenerationSettings, check_keys, completion_logprobs, load_prompts, make_generation,
                          make_prompt_source, sample_completions, shipped_processors)
-from .atomic import check_output_dir, recover, replace_dir
-from .errors import MissingInputError
-from .inputs import check_data_files, check_model_source
 from .judges import Judge, make_judge, score_samples
-from .recipe import ConfigError, read_yaml_file
 
 _KEYS = ["model", "prompts", "max_prompts", "samples_per_prompt", "generation", "judge", "bootstrap_samples", "seed"]
 
@@ -293,7 +293,7 @@ def format_table(summaries: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from .cli import generate_eval_parser  # the parser lives with the command line, which builds it without torch
+    from ..cli import generate_eval_parser  # the parser lives with the command line, which builds it without torch
 
     args = generate_eval_parser().parse_args(argv)
     if args.generate == args.compare:

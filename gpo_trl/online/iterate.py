@@ -10,7 +10,7 @@ repeat. `gpo-trl iterate --config rounds.yaml`.
     samples_per_prompt: 4              # >= 2
     generation: {max_new_tokens: 64, temperature: 1.0, top_p: 1.0, batch_size: 16}
     generation_backend: transformers   # or vllm (when installed)
-    judge: {aux: length, weight: -1}   # see gpo_trl.judges
+    judge: {aux: length, weight: -1}   # see gpo_trl.online.judges
     pairing: best_vs_worst             # all_pairs, random_pair; ties are dropped and counted
     missing_eos_penalty: null          # subtracted from the judge's score of a sample cut at max_new_tokens
     drop_truncated: false              # true: samples cut at max_new_tokens are never paired
@@ -56,13 +56,13 @@ from pathlib import Path
 
 import yaml
 
-from .auxiliary import as_text
-from .data import PreferenceSource
+from ..auxiliary import as_text
+from ..data import PreferenceSource
+from ..guards import write_text_atomic
+from ..recipe import ConfigError, parse_args, read_yaml_file
 from .generation import (GenerationSettings, check_backend, check_keys, load_prompts, make_generation,
                          make_prompt_source, sample_completions, sample_with_vllm)
-from .guards import write_text_atomic
 from .judges import PAIRINGS, Judge, make_judge, make_pairs, score_samples
-from .recipe import ConfigError, parse_args, read_yaml_file
 
 REFERENCES = ("initial", "previous")
 _REQUIRED = ("base", "output_dir", "prompts", "rounds", "judge")
@@ -173,7 +173,7 @@ def check_launch(launch: list[str]):
         return
     from accelerate.commands.launch import launch_command_parser
 
-    from .cli import (_LAUNCH_OPTIONS, accelerate_launch_args, parse_accelerate_args, split_launch_args,
+    from ..cli import (_LAUNCH_OPTIONS, accelerate_launch_args, parse_accelerate_args, split_launch_args,
                       split_passthrough)
 
     argv, passthrough = split_passthrough(launch)
@@ -217,7 +217,7 @@ def run_iterate(plan: IteratePlan, restart: bool = False) -> list[dict]:
     check_definition(plan, definition(plan, prompts), restart)
     initial = initial_model(plan)
     if plan.prepare_demo_model:
-        from .demo import prepare_talking_model
+        from ..demo import prepare_talking_model
 
         prepare_talking_model(initial)
     start = initial
@@ -384,7 +384,7 @@ def pair_row(prompts, samples, scores, chosen: int, rejected: int) -> dict:
 def train_round(plan: IteratePlan, k: int, recipe: Path):
     """Train round k through the recipe: in this process, or through `gpo-trl train` when `launch` is set."""
     if not plan.launch:
-        from .recipe import main as recipe_main
+        from ..recipe import main as recipe_main
 
         recipe_main(*parse_args(["--config", str(recipe)]))
         return
@@ -401,7 +401,7 @@ def merge_round(start: str, adapter_dir: Path, policy_dir: Path, dtype: str) -> 
     a rerun trusts). A full fine-tune's output already is one."""
     if not (adapter_dir / "adapter_config.json").is_file():
         return str(adapter_dir), {}
-    from .merge import merge_adapter
+    from ..merge import merge_adapter
 
     check = merge_adapter(str(adapter_dir), str(policy_dir), dtype=dtype, overwrite=True)
     return str(policy_dir), {"merge_dtype": dtype, "merge_max_abs_logp_diff": check.max_abs_diff}

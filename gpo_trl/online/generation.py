@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import GenerationConfig
 
-from .data import DataError, PreferenceSource, explicit_prompt, make_source
-from .recipe import ConfigError
+from ..data import DataError, PreferenceSource, explicit_prompt, make_source
+from ..recipe import ConfigError
 
 BACKENDS = ("transformers", "vllm")
 
@@ -122,8 +122,8 @@ def load_prompts(source: PreferenceSource, max_prompts: int | None = None) -> li
     a prompt column but with chosen/rejected gets its prompts extracted as for training."""
     from datasets import load_dataset
 
-    from .data import _builder_for
-    from .inputs import check_data_files
+    from ..data import _builder_for
+    from ..inputs import check_data_files
 
     check_data_files(source.data_files, f"{source.label}: `prompts`")
     dataset = load_dataset(source.path or _builder_for(source.data_files), name=source.name, split=source.split,

@@ -31,9 +31,9 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from .auxiliary import BUILTIN_REWARDS, REGISTERED, Registered, RewardError, resolve_reward
+from ..auxiliary import BUILTIN_REWARDS, REGISTERED, Registered, resolve_reward
+from ..errors import ConfigError, JudgeError, RewardError
 from .generation import check_keys
-from .errors import ConfigError, JudgeError
 
 PAIRINGS = ("best_vs_worst", "all_pairs", "random_pair")
 
@@ -86,7 +86,7 @@ def make_judge(spec) -> Judge:
         reward = REGISTERED.get(name) or Registered(_import(name, "Reward function"), batched=True)
         return Judge(kind, str(name), {"weight": float(weight), "kwargs": dict(spec.get("kwargs") or {}),
                                        "batch_size": batch_size}, reward)
-    from .inputs import check_model_source
+    from ..inputs import check_model_source
 
     check_model_source(str(name), "`judge.reward_model`")  # now, not after the sampling
     return Judge(kind, str(name), {"batch_size": batch_size})
