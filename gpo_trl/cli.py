@@ -35,7 +35,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError, DataError, JudgeError, PushError
+from .errors import ConfigError, DataError, JudgeError, MergeError, PushError
 
 # --- Flag spellings and parsers (light: nothing here imports torch, transformers or TRL) ---
 
@@ -419,7 +419,6 @@ def merge_parser() -> CommandParser:
 
 def merge(argv: list[str]) -> int:
     args = merge_parser().parse_args(argv)
-    from .errors import MergeError
     from .merge import merge_adapter
 
     try:

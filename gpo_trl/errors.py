@@ -4,9 +4,6 @@ They live here, apart from the modules that raise them, so that the command line
 the training stack (torch, transformers, TRL): `gpo-trl --help` and `gpo-trl losses` answer in a few seconds. This
 module imports nothing. The modules that raise them re-export them under their old names (`gpo_trl.config.
 CalibrationError`, `gpo_trl.merge.MergeError`, ...), so either import path works.
-
-Exit codes of the command line: 2 for a ConfigError or DataError (and their subclasses: the input is wrong, nothing
-ran), 1 for an error during the work (a judge, a push, a merge check, a non-finite loss), 3 for an interrupted run.
 """
 
 # --- The input is wrong: found before any model or dataset is loaded ------------------------------------------------
