@@ -2,11 +2,11 @@
 
 They live here, apart from the modules that raise them, so that the command line can catch them without importing
 the training stack (torch, transformers, TRL): `gpo-trl --help` and `gpo-trl losses` answer in a few seconds. This
-module imports nothing. The modules that raise them re-export them under their old names (`gpo_trl.config.
-CalibrationError`, `gpo_trl.merge.MergeError`, ...), so either import path works.
+module imports nothing. The classes that used to live in the modules raising them are still importable from there
+(e.g. `gpo_trl.config.CalibrationError`, `gpo_trl.merge.MergeError`): the same class objects.
 """
 
-# --- The input is wrong: found before any model or dataset is loaded ------------------------------------------------
+# --- The input is wrong ----------------------------------------------------------------------------------------------
 
 
 class ConfigError(ValueError):
