@@ -15,9 +15,9 @@
     gpo-trl --version;  gpo-trl [--verbose] COMMAND ...;  gpo-trl COMMAND --help
 
 Every option is spelt `--snake_case` or `--kebab-case` alike. Each command is a thin layer over a function a Python
-user can call (gpo_trl.recipe.run / parse_args + main, evaluate_adapter, online.iterate.run_iterate, merge.merge_adapter,
-experiments.sweep.run_sweep, hub.push_output_dir, ...); its parser is built here without importing torch,
-transformers or TRL, so every `--help` answers in well under 2 s.
+user can call (gpo_trl.recipe.run / parse_args + main, evaluate_adapter, online.iterate.run_iterate,
+merge.merge_adapter, experiments.sweep.run_sweep, hub.push_output_dir, ...); its parser is built here without
+importing torch, transformers or TRL, so every `--help` answers in well under 2 s.
 """
 
 from __future__ import annotations
