@@ -172,13 +172,14 @@ def main(script_args, training_args, model_args, dataset_args):
         with PartialState().main_process_first():  # rank 0 writes, the others then read
             prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
 
-    if os.environ.get(CHECKED_ENV) != model_args.model_name_or_path:  # `gpo-trl train` has checked them already
-        check_recipe_sources(script_args, training_args, model_args, dataset_args)
-    # (a tokenizer alone is enough to reach the data checks, which come first)
+    # Local folders first (one line naming the key; a tokenizer alone is enough to reach the data checks, which come
+    # first), then what must come from the Hub (gpo_trl.reach: offline mode or no network, and how to use a copy)
     check_model_source(model_args.model_name_or_path, "`model_name_or_path`", adapter_ok=True,
                        files=("config.json", "tokenizer_config.json"))
     if script_args.ref_model_name_or_path is not None:
         check_model_source(script_args.ref_model_name_or_path, "`ref_model_name_or_path`", adapter_ok=True)
+    if os.environ.get(CHECKED_ENV) != model_args.model_name_or_path:  # `gpo-trl train` has checked them already
+        check_recipe_sources(script_args, training_args, model_args, dataset_args)
     # Tokenizer and data first: every row is checked before the (expensive) model is loaded.
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                               trust_remote_code=training_args.trust_remote_code)

@@ -52,6 +52,7 @@ KEYS = {
     "Recipe keys added by gpo_trl (besides TRL's dataset_name, dataset_config, splits)": [
         ('prepare_demo_assets', 'bool', 'False', "Write the offline demo's tiny model to `model_name_or_path` and its dataset to `dataset_name` before training, when they do not exist yet (deterministic, no network)."),
         ('eval_before_training', 'bool', 'False', 'Evaluate on the test split before training too, for a before/after summary.'),
+        ('overwrite_output_dir', 'bool', 'False', 'Train into an `output_dir` that holds files gpo-trl did not write (no `.gpo-trl` marker). Without it such a folder is refused, naming its files; a folder of an earlier gpo-trl run is reused (resumed from with `resume_from_checkpoint: last`, its final model replaced).'),
         ('ref_model_name_or_path', 'str | None', 'None', 'A reference model other than the one training starts from (e.g. `gpo-trl iterate` with `reference: initial`): loaded like the policy (same dtype and quantization) and kept frozen. Default: the starting model itself (with LoRA: the base with the adapter disabled).'),
     ],
     'Data keys (several sources, held-out split, invalid rows)': [

@@ -462,7 +462,7 @@ def test_bad_iterate_runs_get_one_line_before_sampling(case, prompt_files, tmp_p
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error, error
     report = error[error.index("gpo-trl: "):].strip().splitlines()  # after any progress bar of `datasets`
-    assert len(report) == 2 and report[0] in ("gpo-trl: ConfigError:", "gpo-trl: DataError:"), report
+    assert len(report) == 2 and report[0] in ("gpo-trl: ConfigError:", "gpo-trl: DataError:", "gpo-trl: MissingInputError:"), report
 
 
 def test_restart_deletes_the_rounds_of_another_definition(prompt_files, tmp_path, monkeypatch):
