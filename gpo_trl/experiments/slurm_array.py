@@ -45,7 +45,14 @@ PID=$!
 forward_term() {{
     GOT_TERM=1
     TERMINATED=1
-    if [ "$(squeue --noheader --jobs "$SLURM_JOB_ID" --format %T 2>/dev/null)" != RUNNING ]; then ENDING=1; fi
+    # An empty answer is squeue failing (slurmctld busy), not an ending job: ask again before deciding.
+    JOB_STATE=""
+    for _ in 1 2 3 4 5; do
+        JOB_STATE=$(squeue --noheader --jobs "$SLURM_JOB_ID" --format %T 2>/dev/null)
+        [ -n "$JOB_STATE" ] && break
+        sleep 1
+    done
+    if [ -n "$JOB_STATE" ] && [ "$JOB_STATE" != RUNNING ]; then ENDING=1; fi
     echo "SIGTERM received: forwarding to the point's training"
     kill -TERM "$PID" 2>/dev/null
 }}
@@ -61,7 +68,7 @@ while [ -z "$STATUS" ]; do
 done
 TASK="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
 if [ "$ENDING" -eq 1 ] && {{ [ "$STATUS" -eq 3 ] || [ "$TERMINATED" -eq 1 ]; }}; then
-    echo "SLURM is ending $TASK (cancelled, or requeued by SLURM itself): not requeueing it here"
+    echo "SLURM is ending $TASK (state $JOB_STATE: cancelled, or requeued by SLURM itself): not requeueing it here"
 elif [ "$STATUS" -eq 3 ]; then
     echo "Point interrupted after a checkpoint; requeueing $TASK"
     scontrol requeue "$TASK"
