@@ -53,6 +53,16 @@ def slurm():
         subprocess.run([str(SCRIPT), "stop"], capture_output=True)
 
 
+@pytest.fixture(autouse=True)
+def cancel_jobs_left_behind(request):
+    """A failed test must not leave its jobs training on the cluster (and on the CPUs the next tests need)."""
+    yield
+    for name in ("slurm", "slurm_two_nodes"):
+        if name in request.fixturenames:
+            env = request.getfixturevalue(name)
+            subprocess.run(["scancel", "--user", str(os.geteuid())], env=env, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def slurm_two_nodes(slurm):
     """A second cluster, of two nodes on this host (two slurmd; scripts/local_slurm.sh with GPO_SLURM_NODES=2)."""
