@@ -169,20 +169,25 @@ KNOBS = {
 }
 
 
+def loss_of_first_batch(tiny_models, zen_dataset, moved_reference, tmp_path, **config):
+    """(trainer, its first training batch, GPO's loss on it in eval mode) against the moved reference model."""
+    args = GPOConfig(output_dir=str(tmp_path), **config)
+    trainer = GPOTrainer(model=str(tiny_models["llama"]), ref_model=moved_reference, args=args,
+                         train_dataset=zen_dataset)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        return trainer, batch, trainer.compute_loss(trainer.model, batch).item()
+
+
 @pytest.mark.parametrize("loss", list(F_OF_T))
 @pytest.mark.parametrize("knob", list(KNOBS))
 def test_knobs_compose_with_any_f(knob, loss, tiny_models, zen_dataset, moved_reference, tmp_path):
     """loss = mean over pairs of w * f(beta * rho - gamma), rho = s(h_w) - s(h_l) (per token when normalised),
     h the log-ratio of LD-weighted sums, s the f-divergence score, w the WPO pair weight (1 without)."""
     kwargs, beta = KNOBS[knob], 0.5
-    args = GPOConfig(output_dir=str(tmp_path), gpo_loss=loss, beta=beta, **cpu_args(**kwargs))
-    trainer = GPOTrainer(model=str(tiny_models["llama"]), ref_model=moved_reference, args=args,
-                         train_dataset=zen_dataset)
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.eval()
-    with torch.no_grad():
-        got = trainer.compute_loss(trainer.model, batch).item()
-
+    trainer, batch, got = loss_of_first_batch(tiny_models, zen_dataset, moved_reference, tmp_path, gpo_loss=loss,
+                                              beta=beta, **cpu_args(**kwargs))
     token, log_sum_sq, mask = plain_forward(trainer.model, batch)
     ref_token, _, _ = plain_forward(moved_reference, batch)
     alpha = kwargs.get("ld_alpha")
@@ -204,14 +209,9 @@ def test_knobs_compose_with_any_f(knob, loss, tiny_models, zen_dataset, moved_re
 def test_gpo_f_next_to_trl_terms(tiny_models, zen_dataset, moved_reference, tmp_path):
     """`gpo_loss` with a list: 0.8 * E f + 0.2 * bco_pair + 1.0 * sft, with bco_pair and sft written out here."""
     beta = 0.5
-    args = GPOConfig(output_dir=str(tmp_path), gpo_loss="exponential", beta=beta, loss_type=MPO,
-                     loss_weights=[0.8, 0.2, 1.0], **cpu_args())
-    trainer = GPOTrainer(model=str(tiny_models["llama"]), ref_model=moved_reference, args=args,
-                         train_dataset=zen_dataset)
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.eval()
-    with torch.no_grad():
-        got = trainer.compute_loss(trainer.model, batch).item()
+    trainer, batch, got = loss_of_first_batch(tiny_models, zen_dataset, moved_reference, tmp_path,
+                                              gpo_loss="exponential", beta=beta, loss_type=MPO,
+                                              loss_weights=[0.8, 0.2, 1.0], **cpu_args())
     token, _, mask = plain_forward(trainer.model, batch)
     ref_token, _, _ = plain_forward(moved_reference, batch)
     h_w, h_l = (token.sum(1) - ref_token.sum(1)).chunk(2)

@@ -121,7 +121,7 @@ def output_folder(policy_dir: str, out) -> Path:
 
 def load_models(policy_dir: str, base: str | None):
     """(policy, reference context, tokenizer, base path). An adapter is evaluated against its base with the adapter
-    disabled (one model in memory); a full model against `base`, loaded separately."""
+    disabled (one model in memory); a full model against `base`, loaded separately. `check_policy` has vetted both."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,12 +134,6 @@ def load_models(policy_dir: str, base: str | None):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"), policy_dir)
         model = model.to(device).eval()
         return model, model, model.disable_adapter, AutoTokenizer.from_pretrained(policy_dir), base
-    if not (Path(policy_dir) / "config.json").is_file():
-        raise ConfigError(f"{policy_dir} holds neither adapter_config.json nor config.json: is it a trained run's "
-                          "output_dir?")
-    if base is None:
-        raise ConfigError(f"{policy_dir} is a full model: set `model:` (the base model, the reference) in the "
-                          "generation-evaluation file.")
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype="auto").to(device).eval()
     reference = AutoModelForCausalLM.from_pretrained(base, dtype="auto").to(device).eval()
     return policy, reference, contextlib.nullcontext, AutoTokenizer.from_pretrained(policy_dir), base
