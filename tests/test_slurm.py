@@ -1,12 +1,14 @@
 """On a real one-node SLURM (scripts/local_slurm.sh: Debian's slurm-wlm + munge, started by the `slurm` fixture):
 configs/launch/slurm.sbatch with 2 gloo processes (cpu_ddp) interrupted in each way a cluster interrupts a job, and a
-sweep as a real job array.
+sweep as a real job array; 2 nodes on one host; and `gpo-trl train` on 2 "machines" without SLURM (here so that the
+two multi-node launches never run side by side on the 2 cores).
 
 SLURM holds a requeued job for about two minutes before it may start again (its BeginTime); the tests start it at
 once with `scontrol update StartTime=now`, as an administrator can. Everything else is SLURM's own behaviour.
 """
 
 import csv
+import json
 import math
 import os
 import re
@@ -16,10 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO
+from test_distributed import SGD, one_process  # noqa: F401  (one_process: a fixture)
+from test_cli import demo_paths
 from gpo_trl.demo import prepare_demo_assets
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -289,11 +294,63 @@ def test_slurm_sbatch_on_two_nodes_matches_one_node(slurm, slurm_two_nodes, tmp_
                  "--output_dir", tmp_path / "two")
     one = sbatch({**slurm, "GPUS_PER_NODE": "2", "MAIN_PORT": "29634"}, "--nodes", "1", "--gpus-per-node", "0",
                  "--chdir", tmp_path, "--output", tmp_path / "one.out", *recipe, "--output_dir", tmp_path / "one")
+    # 420 s: a multi-node launch can wait out torch elastic's 300 s exit barrier after training (seen once, under the
+    # full suite's load); the run itself takes under a minute
     wait_until(lambda: job(slurm_two_nodes, two).get("JobState") == "COMPLETED", "the 2-node job completed",
-               job_log=tmp_path / "two.out")
+               timeout=420, job_log=tmp_path / "two.out")
     wait_until(lambda: job(slurm, one).get("JobState") == "COMPLETED", "the 1-node job completed",
                job_log=tmp_path / "one.out")
     log = (tmp_path / "two.out").read_text()
     assert "gpo-trl on 2 nodes x 1 GPUs" in log and "world size 2 (MULTI_CPU)" in log
     assert job(slurm_two_nodes, two)["NumNodes"] == "2"
     assert_same_adapter(tmp_path / "two", tmp_path / "one")
+
+
+def test_two_machines_of_one_process_match_one_process_with_batch_2b(one_process, tmp_path):
+    """What configs/launch/slurm.sbatch runs on each of 2 nodes: `gpo-trl train --num_machines 2 --machine_rank R
+    --main_process_ip HOST ...`, here both "machines" on this host, one process each, each with its own node-local
+    reference log-probs cache. Same standard as tests/test_distributed.py's 2-process test. It lives in this file so
+    that it never runs beside the 2-node SLURM job (pytest-xdist --dist loadfile keeps a file on one worker): run
+    together on 2 cores, both multi-node launches once waited out torch elastic's 300 s exit barrier."""
+    import socket
+    import subprocess
+
+    from conftest import console_script
+
+    root, (out_one, logs_one, weights_one) = one_process
+    os.symlink(root / "assets", tmp_path / "assets")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    machines = [subprocess.Popen(
+        [console_script("gpo-trl"), "train", "--config", DEMO, *demo_paths(tmp_path)[:-1], str(tmp_path / "two"), *SGD,
+         "--per_device_train_batch_size", "4", "--precompute_ref_log_probs", "true",
+         "--ref_logps_cache_dir", str(tmp_path / f"node{rank}" / "ref_logps"), "--accelerate_config", "cpu_ddp",
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True) for rank in (0, 1)]
+    try:
+        # 420 s: past torch elastic's 300 s exit barrier, which one launch waited out under the full suite's load
+        outputs = [machine.communicate(timeout=420) for machine in machines]
+    finally:
+        for machine in machines:
+            if machine.poll() is None:
+                os.killpg(machine.pid, 9)
+    for machine, (_, err) in zip(machines, outputs):
+        assert machine.returncode == 0, err[-3000:]
+    assert "world size 2 (MULTI_CPU)" in outputs[0][0]
+    # rank 0 computed and cached the reference log-probs on its node, sees that machine 1 cannot read them, says
+    # so, and sends them over (gpo_trl.ref_precompute._precompute_ref_logps)
+    assert list((tmp_path / "node0" / "ref_logps").glob("*.arrow"))
+    assert not (tmp_path / "node1" / "ref_logps").exists()
+    assert "is not shared: rank 1 cannot see" in outputs[0][1]
+    history = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    logs_two = [e for e in history if "loss" in e]
+    assert len(logs_one) == len(logs_two) == 2
+    for one, two in zip(logs_one, logs_two):
+        for key in one:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), (one["step"], key)
+    weights_two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=1e-7, msg=name)
