@@ -120,10 +120,6 @@ def write_text_atomic(path: Path, text: str):
     write_bytes_atomic(path, text.encode())
 
 
-def write_json_atomic(path: Path, value):
-    write_text_atomic(path, json.dumps(value, indent=2))
-
-
 # --- Ownership ----------------------------------------------------------------------------------------------------
 
 

@@ -448,7 +448,10 @@ def sweep_parser() -> CommandParser:
 
 
 def sweep(argv: list[str]) -> int:
-    args = sweep_parser().parse_args(argv)
+    parser = sweep_parser()
+    args = parser.parse_args(argv)
+    if args.overwrite and not args.emit_slurm:
+        parser.error("--overwrite goes with --emit-slurm DIR (it lets a new sweep.sbatch replace DIR's)")
     from .experiments.sweep import load_sweep, run_sweep
 
     plan = load_sweep(args.config)  # every point is checked before the first one runs

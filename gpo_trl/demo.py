@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from .guards import write_text_atomic
+from .atomic import write_text_atomic
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 # A minimal chat template so conversational datasets work with the tiny tokenizer too.

@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import MissingInputError
 
 
-def _looks_like_a_path(name: str) -> bool:
+def looks_like_a_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1 or (
         os.sep != "/" and os.sep in name)
 
@@ -28,7 +28,7 @@ def check_model_source(name: str, key: str, adapter_ok: bool = False, files: tup
         raise MissingInputError(f"{key}: {name} holds no {' or '.join(files)}: it is not a model folder.")
     if path.exists():
         raise MissingInputError(f"{key}: {name} is a file; a model is a folder or a Hub id (ORG/NAME).")
-    if _looks_like_a_path(str(name)):
+    if looks_like_a_path(str(name)):
         raise MissingInputError(f"{key}: {name} does not exist.")
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id

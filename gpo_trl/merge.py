@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import check_output_dir, fault_point, recover, replace_dir
+from .atomic import check_output_dir, fault_point, read_marker, recover, replace_dir
 from .errors import BaseMismatchError, ConfigError, MergeError
 from .inputs import check_model_source
 
@@ -66,7 +66,9 @@ def check_inputs(adapter_path: str, output_dir: str, dtype: str, push_to_hub: bo
     if Path(output_dir).resolve() == adapter.resolve():
         raise ConfigError("`--output_dir` must differ from `--adapter_path`: the merged model is a separate model.")
     recover(Path(output_dir))
-    check_output_dir(Path(output_dir), overwrite=overwrite, what="`--output_dir`")
+    # an earlier version's merge (its gpo_merge.json, no marker) is ours to replace, as the help says
+    legacy = read_marker(Path(output_dir)) is None and (Path(output_dir) / "gpo_merge.json").is_file()
+    check_output_dir(Path(output_dir), overwrite=overwrite or legacy, what="`--output_dir`")
     if push_to_hub and not hub_model_id:
         raise ConfigError("`--push_to_hub` needs `--hub_model_id ORG/NAME`.")
     try:

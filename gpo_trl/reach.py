@@ -47,18 +47,29 @@ def check_model_early(recipe_args: list[str]):
     seconds): an unreachable model then fails in about a second. The full check follows the parse."""
     import yaml
 
+    overrides, position = {}, 0
+    while position < len(recipe_args):
+        token = recipe_args[position]
+        position += 1
+        if not token.startswith("--"):
+            continue
+        name, eq, value = token[2:].partition("=")
+        if not eq:  # `--key value`, or a bare `--flag` (true, as HfArgumentParser reads it)
+            if position < len(recipe_args) and not recipe_args[position].startswith("--"):
+                value, position = recipe_args[position], position + 1
+            else:
+                value = "true"
+        overrides[name.replace("-", "_")] = value
     values = {}
-    if "--config" in recipe_args and recipe_args.index("--config") + 1 < len(recipe_args):
+    if overrides.get("config"):
         try:
-            values = yaml.safe_load(Path(recipe_args[recipe_args.index("--config") + 1]).read_text()) or {}
+            values = yaml.safe_load(Path(overrides["config"]).read_text()) or {}
         except (OSError, yaml.YAMLError):
             return  # the recipe parser reports it
-    tokens = iter(recipe_args)
-    for token in tokens:
-        if token.startswith("--"):
-            name, eq, value = token[2:].partition("=")
-            values[name.replace("-", "_")] = value if eq else next(tokens, None)
-    if not isinstance(values, dict) or str(values.get("prepare_demo_assets", "")).lower() in ("true", "1", "yes"):
+    if not isinstance(values, dict):
+        return  # the recipe parser reports it
+    values.update(overrides)
+    if str(values.get("prepare_demo_assets", "")).lower() in ("true", "1", "yes"):
         return
     model = values.get("model_name_or_path")
     if isinstance(model, str) and model:

@@ -27,7 +27,7 @@ from .config import GPOConfig
 from .data import DataArguments
 from .errors import ConfigError, DataError, Interrupted, NonFiniteError, PushError
 from .guards import last_complete_checkpoint
-from .inputs import check_model_source
+from .inputs import check_model_source, looks_like_a_path
 from .reach import CHECKED_ENV, check_recipe_sources
 
 
@@ -172,11 +172,12 @@ def main(script_args, training_args, model_args, dataset_args):
         with PartialState().main_process_first():  # rank 0 writes, the others then read
             prepare_demo_assets(model_args.model_name_or_path, script_args.dataset_name, seed=training_args.seed)
 
-    # Local folders first (one line naming the key; a tokenizer alone is enough to reach the data checks, which come
-    # first), then what must come from the Hub (gpo_trl.reach: offline mode or no network, and how to use a copy)
-    check_model_source(model_args.model_name_or_path, "`model_name_or_path`", adapter_ok=True,
-                       files=("config.json", "tokenizer_config.json"))
-    if script_args.ref_model_name_or_path is not None:
+    # Local folders here (one line naming the key; a tokenizer alone is enough to reach the data checks, which come
+    # first); Hub ids through gpo_trl.reach (offline mode or no network, and how to use a local copy)
+    if is_local(model_args.model_name_or_path):
+        check_model_source(model_args.model_name_or_path, "`model_name_or_path`", adapter_ok=True,
+                           files=("config.json", "tokenizer_config.json"))
+    if is_local(script_args.ref_model_name_or_path):
         check_model_source(script_args.ref_model_name_or_path, "`ref_model_name_or_path`", adapter_ok=True)
     if os.environ.get(CHECKED_ENV) != model_args.model_name_or_path:  # `gpo-trl train` has checked them already
         check_recipe_sources(script_args, training_args, model_args, dataset_args)
@@ -247,6 +248,11 @@ def load_reference(script_args, training_args, model_args):
 
 
 _LEGACY_RUN = re.compile(r"^(gpo_run\.json|checkpoint-\d+)$")
+
+
+def is_local(name: str | None) -> bool:
+    """A model named by a path (existing or not) rather than a Hub id."""
+    return name is not None and (Path(name).expanduser().exists() or looks_like_a_path(str(name)))
 
 
 def check_training_output_dir(output_dir: str, overwrite: bool):

@@ -123,3 +123,22 @@ def test_a_missing_data_file_is_named_where_data_and_prompts_load(tmp_path, monk
     for load in (load_source, load_prompts):
         with pytest.raises(MissingInputError, match="data file prompts.jsonl does not exist .* not against the YAML file"):
             load(source)
+
+
+def test_the_early_model_check_reads_overrides_after_bare_flags(tmp_path, monkeypatch):
+    """`gpo-trl train`'s first check reads the model the recipe will use: a bare `--flag` before
+    `--model_name_or_path DIR` takes no value (it used to swallow the next token, so the YAML's model was checked),
+    a `--config=PATH` is read, and a recipe that is not a mapping is left to the recipe parser (no TypeError)."""
+    from gpo_trl.reach import HubAccessError, check_model_early
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "r.yaml").write_text("model_name_or_path: nobody-has/this-model\n")
+    check_model_early(["--config", "r.yaml", "--bf16", "--model_name_or_path", "./local"])
+    for argv in (["--config", "r.yaml", "--bf16"], ["--config=r.yaml"]):
+        with pytest.raises(HubAccessError, match="nobody-has/this-model"):
+            check_model_early(argv)
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    check_model_early(["--config", "list.yaml"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..guards import write_text_atomic
+from ..atomic import write_text_atomic
 from ..recipe import ConfigError, parse_args
 from .sweep import Sweep, finished, point_command, point_name, recipe_args
 

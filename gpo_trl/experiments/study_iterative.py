@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from ..online.generation import check_keys
-from ..guards import write_text_atomic
+from ..atomic import write_text_atomic
 from ..losses import available_losses
 from ..recipe import ConfigError
 from . import study

@@ -151,13 +151,6 @@ def load_prompts(source: PreferenceSource, max_prompts: int | None = None) -> li
     return prompts
 
 
-def prompt_text(tokenizer, prompt) -> str:
-    """The text the model continues: a string prompt as it is, a conversation through the chat template."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return prompt
-
-
 def training_prompt_ids(tokenizer, prompt) -> list[int]:
     """The prompt's ids as TRL's DPOTrainer tokenises a prompt for training (its own helper): special tokens such
     as BOS included, a conversation through the chat template with the generation prompt. Sampling continues

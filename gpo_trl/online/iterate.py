@@ -58,7 +58,7 @@ import yaml
 
 from ..auxiliary import as_text
 from ..data import PreferenceSource
-from ..guards import write_text_atomic
+from ..atomic import write_text_atomic
 from ..recipe import ConfigError, parse_args, read_yaml_file
 from .generation import (GenerationSettings, check_backend, check_keys, load_prompts, make_generation,
                          make_prompt_source, sample_completions, sample_with_vllm)

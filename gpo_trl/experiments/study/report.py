@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ...guards import write_text_atomic
+from ...atomic import write_text_atomic
 from ...losses import available_losses, get_loss
 from .config import StudyConfig
 
