@@ -33,7 +33,6 @@ from .auxiliary import REWARD_COLUMNS
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *REWARD_COLUMNS}
 
 
-
 @contextlib.contextmanager
 def activation_checkpointing_off(model, checkpointing_kwargs: dict | None):
     """TRL's `disable_gradient_checkpointing` under transformers 5's names (the old ones warn on every reference

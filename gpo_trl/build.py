@@ -3,8 +3,8 @@
 Contract: these functions read `GPOConfig` keys (`gpo_loss`, `gpo_loss_kwargs` and the DPOConfig keys that
 parameterise it, `beta`, `beta_calibration`, `loss_type`, `loss_weights`, `aux_rewards`, `aux_coef`) and return new
 objects; they change nothing. A bad name or argument raises from the registry that resolves it (`get_loss`,
-`resolve_reward`). `GPOConfig.__post_init__` builds once as a trial, so that a bad value fails when the config is
-parsed, before any model loads; `GPOTrainer.__init__` calls `build_objective` once and keeps what it returns.
+`resolve_reward`) or from `trl_compat.slot_kwargs`. `GPOConfig.__post_init__` builds once as a trial, so that a
+bad value fails when the config is parsed, before any model loads; `GPOTrainer.__init__` calls `build_objective` once and keeps what it returns.
 """
 
 from __future__ import annotations

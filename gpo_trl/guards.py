@@ -23,8 +23,7 @@ from transformers import TrainerCallback
 
 from .atomic import write_text_atomic  # noqa: F401  (its old home; gpo_trl.atomic holds the write helpers)
 from .nonfinite import (  # noqa: F401  (their old home; gpo_trl.nonfinite holds the guard)
-    MIN_LOSS_SCALE, NONFINITE_POLICIES, LossScaleCallback, NonFiniteError, all_finite, loss_scale_explains,
-    nonfinite_message)
+    NONFINITE_POLICIES, NonFiniteError, all_finite, nonfinite_message)
 
 
 class PreemptionCallback(TrainerCallback):

@@ -2,7 +2,7 @@
 
 Contract (`NonFiniteGuard`, a mixin of `GPOTrainer`):
 - Reads: `args.on_nonfinite` (`stop` | `skip`), the loss of each micro-batch (checked in the trainer's
-  `_compute_loss` through `all_finite`, which hands a bad one to `_nonfinite`), and the gradients of every trainable
+  `_compute_loss` through `all_finite`; the trainer hands a bad one to `_nonfinite`), and the gradients of every trainable
   parameter at the last micro-step of an accumulation window (`training_step`).
 - Changes: with `stop`, raises `NonFiniteError` naming the step before the optimizer step (the checkpoints on disk are
   untouched). With `skip`, the window's gradients are zeroed and the coming optimizer step becomes a no-op that reports

@@ -42,7 +42,8 @@ class CachedReferencePrecompute:
         keep_4bit_layers_differentiable(self.model, self.ref_model)  # TRL loaded them: this eval-mode pass comes first
         if not isinstance(dataset, Dataset):
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        if self._padded_collator not in (None, self.data_collator):  # a later precompute (evaluate), packing on
+        # a later precompute (evaluate), with packing or aux rewards on
+        if self._padded_collator not in (None, self.data_collator):
             return self._with_padded_collator(self._precompute_ref_logps, dataset, name, batch_size)
         path = self._ref_cache_dir / f"{self._shared_cache_key(dataset)}.arrow"
         cached = refcache.load(path, len(dataset))

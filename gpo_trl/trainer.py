@@ -10,7 +10,8 @@ auxiliary (UPO) terms and what TRL's dataset preparation needs to know about the
 - `gpo_trl.batch_layout`: packed / prefix-shared batches and the forward that serves every layout;
 - `gpo_trl.reference_free`: no reference model loaded or kept under `gpo_reference: none`;
 - `gpo_trl.metrics`: TRL's metrics under TRL's names, plus `gpo/*` and `aux/*`;
-- `gpo_trl.trl_compat`: TRL's other `loss_type` terms, computed by DPOTrainer's own code;
+- `gpo_trl.trl_compat`: the `loss_type` plan (its f(beta rho) entries as GPO losses, the rest through DPOTrainer's
+  own code) and the LD-DPO / f-divergence / WPO knobs;
 - `gpo_trl.build`: the loss, its beta, the `loss_type` plan and the auxiliary rewards, built once from the config.
 
 Everything else (dataset preparation, PEFT with the disabled adapter as the reference, `precompute_ref_log_probs`,
@@ -71,7 +72,8 @@ class GPOTrainer(NonFiniteGuard, CachedReferencePrecompute, BatchLayout, GPOMetr
     with f = `args.gpo_loss`, beta_eff = `args.effective_beta`, and rho per token when `args.gpo_length_normalize`;
     with TRL's `loss_type` list, the weighted sum of its terms (see `gpo_trl.trl_compat`).
 
-    The bases, each a mixin with no state of its own beyond a few flags, in MRO order before `DPOTrainer`:
+    The bases, each a mixin with no state of its own beyond a few flags and references, in MRO order before
+    `DPOTrainer`:
     `NonFiniteGuard` (wraps `training_step`: NaN/inf never reaches the weights), `CachedReferencePrecompute` (wraps
     `_precompute_ref_logps`: the reference pass reused across runs), `BatchLayout` (the collator swap and `_forward`
     for packed / prefix-shared batches), `GPOMetrics` (the `_log_*` methods). Only `training_step` and

@@ -126,6 +126,9 @@ def check_options(args):
     """Refuse, before any model is loaded, the settings DPOTrainer refuses or that are ill-defined; warn about
     DPOConfig keys that no term reads (DPOTrainer ignores them silently)."""
     entries = args.loss_type
+    if not entries:
+        raise ValueError("`loss_type` is an empty list: give at least one entry (e.g. `sigmoid`, where `gpo_loss` "
+                         "goes) or leave it unset.")
     for entry in entries:
         if entry not in LOSS_TYPES:
             raise ValueError(f"`loss_type` entry {entry!r} is not a TRL 1.16 loss type. Accepted: "

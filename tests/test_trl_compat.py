@@ -321,3 +321,9 @@ def test_trl_loss_parameters_reach_the_gpo_slot():
 def test_keys_no_term_reads_warn(kwargs, key):
     with pytest.warns(UserWarning, match=f"`{key}=.*` has no effect here, as in DPOTrainer"):
         config(**kwargs)
+
+
+def test_an_empty_loss_type_list_is_refused_when_parsed():
+    """`loss_type: []` used to pass the checks and fail at the first step (the loss was None)."""
+    with pytest.raises(ValueError, match="`loss_type` is an empty list"):
+        GPOConfig(output_dir="unused", loss_type=[], **cpu_args())
