@@ -19,7 +19,7 @@ SGD = ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "const
 
 def train(tmp_path, out, *extra):
     args = [*demo_paths(tmp_path)[:-1], str(tmp_path / out), *SGD, *extra]
-    result = gpo_trl("train", "--config", DEMO, *args, cwd=tmp_path, timeout=300)
+    result = gpo_trl("train", "--config", DEMO, *args, cwd=tmp_path, timeout=420)
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     return result.stdout, [e for e in history if "loss" in e], load_file(tmp_path / out / "adapter_model.safetensors")
@@ -67,7 +67,7 @@ def test_processes_that_do_not_form_a_group_are_refused(tmp_path):
     """On a CPU-only machine without `use_cpu: true`, accelerate's processes each train alone (world size 1) and
     would all write the same output_dir. The recipe stops them before any model is loaded."""
     result = gpo_trl("train", "--config", DEMO, *demo_paths(tmp_path), "--use_cpu", "false", "--num_processes", "2",
-                     cwd=tmp_path, timeout=300)
+                     cwd=tmp_path, timeout=420)
     assert result.returncode != 0
     assert "2 processes were launched but each sees world size 1" in result.stderr
     assert not (tmp_path / "out").exists()
