@@ -440,6 +440,17 @@ def run(argv: list[str] | None = None):
     except Interrupted as err:
         print(f"gpo-trl: {err}", file=sys.stderr)
         sys.exit(3)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group():
+    """Tear the process group down before the interpreter does. Left to interpreter exit, a finished 2-process gloo
+    run under load sometimes did not exit (a launch held for minutes after "Model/adapter written")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

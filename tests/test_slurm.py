@@ -298,7 +298,7 @@ def test_slurm_sbatch_on_two_nodes_matches_one_node(slurm, slurm_two_nodes, tmp_
     # full suite's load); the run itself takes under a minute
     wait_until(lambda: job(slurm_two_nodes, two).get("JobState") == "COMPLETED", "the 2-node job completed",
                timeout=420, job_log=tmp_path / "two.out")
-    wait_until(lambda: job(slurm, one).get("JobState") == "COMPLETED", "the 1-node job completed",
+    wait_until(lambda: job(slurm, one).get("JobState") == "COMPLETED", "the 1-node job completed", timeout=420,
                job_log=tmp_path / "one.out")
     log = (tmp_path / "two.out").read_text()
     assert "gpo-trl on 2 nodes x 1 GPUs" in log and "world size 2 (MULTI_CPU)" in log
