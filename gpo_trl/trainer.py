@@ -184,8 +184,8 @@ class GPOTrainer(NonFiniteGuard, CachedReferencePrecompute, BatchLayout, GPOMetr
         chosen_logratios = chosen_logps - ref_chosen_logps
         rejected_logratios = rejected_logps - ref_rejected_logps
 
-        loss = self._preference_loss(mode, outputs, inputs, per_token_logps, chosen_logratios, rejected_logratios,
-                                     (ref_chosen_logps, ref_rejected_logps))
+        loss = self._preference_loss(mode, outputs, inputs, per_token_logps, token_mask, chosen_logratios,
+                                     rejected_logratios, (ref_chosen_logps, ref_rejected_logps))
         if self.args.sft_coef:
             loss = loss + self.args.sft_coef * self._sft_loss(mode, per_token_logps, token_mask)
         if self.aux_rewards:
@@ -207,16 +207,15 @@ class GPOTrainer(NonFiniteGuard, CachedReferencePrecompute, BatchLayout, GPOMetr
             return loss, outputs
         return loss
 
-    def _preference_loss(self, mode, outputs, inputs, per_token_logps, chosen_logratios, rejected_logratios,
-                         ref_logps):
+    def _preference_loss(self, mode, outputs, inputs, per_token_logps, token_mask, chosen_logratios,
+                         rejected_logratios, ref_logps):
         """Sum over the `loss_type` terms (gpo_trl.trl_compat): each f(beta * rho) member as its GPO loss, under
         the f-divergence margin and the WPO pair weights; the others through DPOTrainer's own code."""
-        token_mask = inputs["completion_mask"][:, 1:]
         chosen_scores, rejected_scores = (
             trl_compat.divergence_scores(h, self.f_divergence_type, self.f_alpha_divergence_coef)
             for h in (chosen_logratios, rejected_logratios))
         pair_weights = None
-        if self.use_weighting:
+        if self.use_weighting and self.loss_plan.margin_terms:  # TRL's own terms weight themselves
             log_sum_sq_probs = outputs.log_sum_sq_probs[:, -token_mask.size(1) :]
             pair_weights = trl_compat.wpo_weights(per_token_logps, log_sum_sq_probs, token_mask)
         loss = None
