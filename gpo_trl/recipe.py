@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,25 +433,50 @@ def format_summary(trainer, before: dict | None, after: dict | None) -> str:
 
 
 def run(argv: list[str] | None = None):
+    """The recipe as a process: exit status 0, 1 (a named error: one paragraph on stderr, no traceback) or 3
+    (preempted, the checkpoint saved). One of several ranks ends through `end_rank` instead of returning."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return run_recipe(argv)
+    kept, code = None, 0
     try:
-        parsed = parse_args(argv)
-        main(*parsed)
+        kept = run_recipe(argv)  # the trainer, kept alive until the process ends: see end_rank
+    except SystemExit as stop:
+        kept, code = sys.exc_info(), stop.code
+    except BaseException:  # noqa: BLE001 - printed as Python would, and the status is 1 as Python's would be
+        kept, code = sys.exc_info(), 1
+        traceback.print_exc()
+    end_rank(code)
+
+
+def run_recipe(argv: list[str] | None = None):
+    try:
+        return main(*parse_args(argv))
     except (ConfigError, DataError, PushError, NonFiniteError) as err:
         sys.exit(f"gpo-trl: {type(err).__name__}:\n{err}")
     except Interrupted as err:
         print(f"gpo-trl: {err}", file=sys.stderr)
         sys.exit(3)
-    finally:
-        leave_process_group()
 
 
-def leave_process_group():
-    """Tear the process group down before the interpreter does. Left to interpreter exit, a finished 2-process gloo
-    run under load sometimes did not exit (a launch held for minutes after "Model/adapter written")."""
-    import torch.distributed as dist
+def end_rank(code: int | str | None):
+    """End one process of a distributed run: exit handlers run (loggers and trackers flush), objects are not torn down.
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    Tearing down a gloo process group can hang or abort the process: torch destroys the group by joining its worker
+    threads, and when DDP's gradient Reducer (C++, freed with the GIL held) drops the last reference, the join waits
+    for a worker that is itself waiting for the GIL to free the tensors of the last collective. Seen here under load
+    (py-spy: the main thread in ~ProcessGroupGloo -> thread::join under ~Reducer, a gloo worker in
+    ~AsyncAllgatherWork waiting for the GIL; the launch held until killed), and at interpreter exit as
+    "terminate called without an active exception" (SIGABRT). Ending with os._exit once everything is written
+    skips that teardown: the operating system closes the sockets."""
+    import atexit
+
+    if isinstance(code, str):  # sys.exit("message"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter exit would run first (logging, trackers)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":
