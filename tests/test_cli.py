@@ -1,12 +1,15 @@
 """The `gpo-trl` command, run as a user runs it: a subprocess, a YAML recipe, overrides, `accelerate launch`."""
 
+import contextlib
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import console_script
@@ -16,9 +19,37 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 
 
 def gpo_trl(*args, cwd, timeout=300, launcher=None):
+    """Run the command; one still running after `timeout` s fails the test with the Python stacks of its processes
+    (py-spy), then is killed."""
     launcher = launcher or (console_script("gpo-trl"),)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    command = [*launcher, *args]
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stacks = python_stacks(proc.pid)
+            for process in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"{shlex.join(command[1:3])} still running after {timeout} s.\n--- stacks ---\n{stacks}\n"
+                        f"--- stdout (end) ---\n{stdout[-3000:]}\n--- stderr (end) ---\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def python_stacks(pid: int) -> str:
+    """py-spy's dump of a process and its children: where a hung run waits."""
+    dumps = []
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            dump = subprocess.run(["py-spy", "dump", "--native", "--pid", str(process.pid)], capture_output=True,
+                                  text=True, timeout=60)
+            dumps.append(dump.stdout or dump.stderr)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            dumps.append(f"{process.pid}: no stack ({err})")
+    return "\n".join(dumps)
 
 
 def demo_paths(tmp_path) -> list[str]:
@@ -32,6 +63,16 @@ def summary_value(output: str, label: str) -> tuple[float, float]:
     match = re.search(rf"^\s+{label}\s+(-?[\d.]+)\s+(-?[\d.]+)\s*$", output, re.MULTILINE)
     assert match, f"no {label!r} row in:\n{output}"
     return float(match.group(1)), float(match.group(2))
+
+
+def test_a_hung_command_fails_with_the_stacks_of_its_processes(tmp_path):
+    """The helper above: a command still running at its timeout fails the test with py-spy's stacks, child included."""
+    child = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(600)'])"
+    with pytest.raises(pytest.fail.Exception) as failure:
+        gpo_trl("-c", child, cwd=tmp_path, timeout=5, launcher=(sys.executable,))
+    message = str(failure.value)
+    assert "still running after 5 s" in message
+    assert message.count("Thread ") >= 2 and "sleep" in message  # both processes' stacks, the child's in time.sleep
 
 
 def test_losses_table():

@@ -77,18 +77,21 @@ def test_processes_that_do_not_form_a_group_are_refused(tmp_path):
 
 # A rank that lets go of a tensor while a gloo worker still holds it, then keeps the GIL until it exits: the worker
 # waits for the GIL to free the tensor while the interpreter shuts down (or, in a training run, while the DDP
-# Reducer's destructor joins the worker with the GIL held). 2 s of holding the GIL makes the race certain.
+# Reducer's destructor joins the worker with the GIL held). Rank 1 joins the all-reduce 0.5 s late, so rank 0's work
+# is still running when Python lets go of it; then 5 s without releasing the GIL.
 GIL_STARVED_RANK = """
 import sys, time, torch, torch.distributed as dist
 dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    time.sleep(0.5)
 sys.setswitchinterval(60)  # the main thread keeps the GIL unless it blocks
-t = torch.ones(20_000_000)
+t = torch.ones(1000)
 work = dist.all_reduce(t, async_op=True)
 del t, work  # Python lets go of the tensor while a gloo worker still holds it
-deadline = time.monotonic() + 2
+print("rank done", flush=True)
+deadline = time.monotonic() + 5
 while time.monotonic() < deadline:
     pass
-print("rank done", flush=True)
 if sys.argv[1] == "end_rank":
     from gpo_trl.recipe import end_rank
     end_rank(0)
@@ -105,18 +108,24 @@ def run_two_ranks(tmp_path, how_to_end: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_rank_ends_cleanly_while_a_gloo_worker_waits_for_the_gil(tmp_path):
-    """The recipe's ranks end through `end_rank` (exit handlers, then os._exit): status 0 and the output flushed, where
-    interpreter exit aborts (the control below). The recipe's 2-process runs once hung this way at the end, after
-    "Model/adapter written" (py-spy: ~ProcessGroupGloo joining a worker under ~Reducer, the worker waiting for the GIL)."""
-    result = run_two_ranks(tmp_path, "end_rank")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("rank done") == 2
+    """The recipe's ranks end through `end_rank` (exit handlers, then os._exit): status 0 and the output flushed, twice,
+    where interpreter exit aborts (the control below). The recipe's 2-process runs hung this way at the end, after
+    "Model/adapter written" (py-spy: ~ProcessGroupGloo joining a worker under ~Reducer, the worker waiting for the GIL);
+    measured here: 1 hang in 4 runs of two concurrent 2-process demo trainings before, 0 in 52 after."""
+    for _ in range(2):
+        result = run_two_ranks(tmp_path, "end_rank")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("rank done") == 2
 
 
 @pytest.mark.slow
 def test_control_interpreter_exit_aborts_in_that_state(tmp_path):
     """The control: the same ranks left to interpreter exit abort with SIGABRT ("terminate called without an active
-    exception"), measured 4 of 4 on torch 2.13. Should torch fix this, this test fails: `end_rank` may then go."""
-    result = run_two_ranks(tmp_path, "interpreter_exit")  # the launcher stops the other rank, maybe before it prints
+    exception"). Measured on torch 2.13: 4 of 4 runs idle, 6 of 6 with three CPU burners. A rank can still win the GIL
+    while the interpreter shuts down, so up to 3 tries. Should torch fix this, the test fails: `end_rank` may go."""
+    for _ in range(3):
+        result = run_two_ranks(tmp_path, "interpreter_exit")
+        if result.returncode != 0:
+            break
     assert result.returncode != 0 and "terminate called without an active exception" in result.stderr, (
         f"torch {torch.__version__} exits cleanly here: gpo_trl.recipe.end_rank may no longer be needed")
