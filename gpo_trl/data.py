@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import yaml
 from datasets import Dataset, Features, LargeList, List, Value, concatenate_datasets, load_dataset
 from trl.data_utils import extract_prompt
 
@@ -104,7 +105,30 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        self.datasets = [make_source(s) if isinstance(s, dict) else s for s in self.datasets]
+        self.datasets = [source for entry in self.datasets for source in as_sources(entry)]
+
+
+def as_sources(entry) -> list[PreferenceSource]:
+    """The sources of one `datasets` entry: a YAML mapping, or from the command line a path (`--datasets a b`) or a
+    JSON/YAML mapping or list of mappings (`--datasets '[{"path": "a", "weight": 2}, {"path": "b"}]'`), which the
+    argument parser hands over as a source whose path is that text."""
+    if isinstance(entry, PreferenceSource):
+        if not (isinstance(entry.path, str) and entry.path.lstrip().startswith(("{", "["))):
+            return [entry]
+        try:
+            entry = yaml.safe_load(entry.path)
+        except yaml.YAMLError as err:
+            raise DataError(f"`--datasets {entry.path}` is neither a path nor a JSON/YAML mapping or list of mappings "
+                            f"({str(err).splitlines()[0]}). Example: --datasets '[{{\"path\": \"a\", \"weight\": 2}}, "
+                            f"{{\"path\": \"b\"}}]'") from None
+    if isinstance(entry, list):
+        return [source for item in entry for source in as_sources(item)]
+    if isinstance(entry, str):
+        return [make_source({"path": entry})]
+    if isinstance(entry, dict):
+        return [make_source(entry)]
+    raise DataError(f"A `datasets` entry must be a mapping of source keys (path, data_files, weight, ...) or a path, "
+                    f"got {entry!r}.")
 
 
 def make_source(mapping: dict) -> PreferenceSource:

@@ -158,3 +158,29 @@ def test_checkpointing_keeps_trls_default_under_the_new_name():
     with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):
         old = config(gradient_checkpointing=False)
     assert old.activation_checkpointing is False
+
+
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--datasets", "a", "b"], [("a", None, "train"), ("b", None, "train")]),
+    (["--datasets", '[{"path": "a", "weight": 2}, {"path": "b", "split": "dev"}]'], [("a", 2, "train"), ("b", None, "dev")]),
+    (["--datasets", '{path: a, weight: 3}'], [("a", 3, "train")]),  # YAML's flow style too
+    (["--datasets", "x", '[{"path": "a"}]'], [("x", None, "train"), ("a", None, "train")]),
+])
+def test_datasets_from_the_command_line(flags, expected):
+    """`--datasets` takes paths and JSON/YAML mappings or lists of them, each entry becoming the sources it names
+    (the argument parser alone made `[{"path": ...}]` one source whose path was that text)."""
+    _, _, _, data_args = parse_args(["--config", DEMO, *flags])
+    assert [(s.path, s.weight, s.split) for s in data_args.datasets] == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"path": "a"', "is neither a path nor a JSON/YAML mapping or list of mappings"),
+    ('{"path": "a", "wieght": 2}', "Unknown key 'wieght' in a `datasets` entry"),
+    ("[1, 2]", "A `datasets` entry must be a mapping of source keys"),
+])
+def test_malformed_datasets_flag_is_named(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", DEMO, "--datasets", text])
