@@ -6,7 +6,7 @@ fsync the folder. A reader sees the old file or the new one, never half of one.
 Directories (`replace_dir`): a multi-file output (a merged model, an evaluation's samples and summary, a training
 run's final model) is built in full in a hidden sibling and swapped in. With FINAL = `parent/name`:
 
-    lock     parent/.name.gpo-lock          created with O_EXCL; holds host, pid and the pid's start time
+    lock     parent/.name.gpo-lock          flocked while held; holds host, pid and the pid's start time
     build    parent/.name.gpo-new-<pid>     everything is written here, plus the marker `.gpo-trl`; fsynced
     swap 1   FINAL -> parent/.name.gpo-old-<pid>      (only when FINAL exists)
     swap 2   parent/.name.gpo-new-<pid> -> FINAL
@@ -16,8 +16,8 @@ A SIGKILL at any moment leaves FINAL either the previous complete output or the 
 the two swaps, where FINAL is missing (never a mix). The next writer (or `recover`) repairs that under the lock: when
 FINAL is missing and a `.gpo-old-*` exists, the backup is renamed back to FINAL (the previous complete output;
 the new one is rebuilt by the rerun); every other `.gpo-new-*` / `.gpo-old-*` is an unfinished build or a finished
-swap's leftover and is removed. A lock whose process is gone (same host, pid dead or reused) is taken over, so the
-same command simply runs again. A lock from another host is never guessed at: the error names the file to delete.
+swap's leftover and is removed. A lock whose process is gone (its flock died with it; the pid it names is dead or
+reused) is taken over, so the same command simply runs again, and racing writers never both hold it. A lock from another host is never guessed at: the error names the file to delete.
 
 Ownership (`check_output_dir`): every directory gpo-trl builds holds `.gpo-trl`, a JSON marker with the command and
 the files it wrote. gpo-trl replaces a directory only when it holds no file it did not write there; anything else
@@ -194,43 +194,76 @@ def _lock_is_stale(content: dict, lock: Path) -> bool:
 
 @contextmanager
 def directory_lock(final: Path) -> Iterator[None]:
-    """One writer per output at a time; a lock left by a killed process is taken over."""
+    """One writer per output at a time; a lock left by a killed process is taken over.
+
+    The kernel arbitrates: the holder keeps an exclusive `flock` on the lock file, which dies with its process, so
+    racing writers can neither both take a free lock nor both take over a dead one. The file's content (host, pid,
+    start time) names the holder in the error, and a live process it names still holds the output (a lock written
+    by another host, or by a version without flock, is not taken)."""
     lock = _sibling(final, "lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_identity(os.getpid())}
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                content = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                content = {"host": socket.gethostname(), "pid": -1}  # killed while writing the lock itself
-            if not _lock_is_stale(content, lock):
-                raise OutputExistsError(
-                    f"{final} is being written by another gpo-trl process (pid {content.get('pid')} on "
-                    f"{content.get('host')}, lock {lock}). Wait for it; if that process is gone, delete {lock}."
-                ) from None
-            lock.unlink(missing_ok=True)  # a killed writer's lock: take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise OutputExistsError(f"Could not take the lock {lock} for {final}; delete it if no gpo-trl process runs.")
+    fd = _flock_lock_file(lock, final)
+    holder = _read_holder(fd)
+    if holder and not _lock_is_stale(holder, lock):
+        os.close(fd)
+        raise _held_by(final, lock, holder)
+    os.ftruncate(fd, 0)  # ours now: a fresh lock, or a dead writer's taken over
+    os.pwrite(fd, json.dumps(me).encode(), 0)
     _held.add(str(lock))
     try:
         yield
+        fault_point("unlock")
     except SimulatedCrash:
-        raise  # a crash leaves its lock behind, as a killed process does
+        os.close(fd)  # a crash leaves its lock file behind, as a killed process does
+        raise
     except BaseException:
-        lock.unlink(missing_ok=True)
+        _release(lock, fd)
         raise
     else:
-        fault_point("unlock")
-        lock.unlink(missing_ok=True)
+        _release(lock, fd)
     finally:
         _held.discard(str(lock))
+
+
+def _flock_lock_file(lock: Path, final: Path) -> int:
+    """An open descriptor of the lock file, exclusively flocked, whose path still names it (a holder unlinks the file
+    when it releases, and a racer may have opened the old file just before)."""
+    import fcntl
+
+    for _ in range(100):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise _held_by(final, lock, holder) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # released and unlinked under us: open the new one
+    raise OutputExistsError(f"Could not take the lock {lock} for {final}; delete it if no gpo-trl process runs.")
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:  # cut short by a kill while written: its writer is dead
+        return {}
+
+
+def _held_by(final: Path, lock: Path, holder: dict) -> OutputExistsError:
+    return OutputExistsError(
+        f"{final} is being written by another gpo-trl process (pid {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')}, lock {lock}). Wait for it; if that process is gone, delete {lock}.")
+
+
+def _release(lock: Path, fd: int):
+    lock.unlink(missing_ok=True)  # before the flock goes: a racer that opened this file then sees it is gone
+    os.close(fd)
 
 
 # --- Recovery and the swap ----------------------------------------------------------------------------------------

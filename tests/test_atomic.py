@@ -258,3 +258,47 @@ def test_training_refuses_an_output_dir_it_did_not_create(tmp_path):
                        r"\(thesis.tex\).*`--overwrite_output_dir true`"):
         recipe_main(*demo_args(tmp_path))
     assert (mine / "thesis.tex").read_text() == "mine"
+
+
+RACER = """
+import json, os, sys, time
+from pathlib import Path
+from gpo_trl.atomic import directory_lock, OutputExistsError
+final, start = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:  # all racers read the stale lock at once
+    pass
+held = 0
+while time.time() < start + 2:
+    try:
+        with directory_lock(final):
+            fd = os.open(final.parent / "holder", os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # two holders: FileExistsError
+            time.sleep(0.01)
+            os.close(fd)
+            os.unlink(final.parent / "holder")
+            held += 1
+    except OutputExistsError:
+        time.sleep(0.001)
+print(held)
+"""
+
+
+def test_racing_writers_never_hold_the_lock_together(tmp_path):
+    """Eight processes race for one output whose lock a dead process left, then for the lock each other hold, for
+    2 s: never two holders at once (the inner file is created exclusively), and every lock is released. Before,
+    racers that all judged the dead lock stale each deleted it, and one could delete another's fresh lock."""
+    import socket
+
+    final = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".out.gpo-lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                                                        "started": 1.0}))
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    start = time.time() + 3  # after the interpreters have started
+    racers = [subprocess.Popen([sys.executable, str(script), str(final), str(start)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    results = [racer.communicate(timeout=120) for racer in racers]
+    for racer, (out, err) in zip(racers, results):
+        assert racer.returncode == 0, err[-2000:]
+    assert sum(int(out) for out, _ in results) >= 16  # they did take turns
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.gpo-lock")] == []
