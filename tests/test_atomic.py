@@ -300,5 +300,5 @@ def test_racing_writers_never_hold_the_lock_together(tmp_path):
     results = [racer.communicate(timeout=120) for racer in racers]
     for racer, (out, err) in zip(racers, results):
         assert racer.returncode == 0, err[-2000:]
-    assert sum(int(out) for out, _ in results) >= 16  # they did take turns
+    assert sum(int(out) for out, _ in results) >= 8  # they did take turns (190 holds here)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.gpo-lock")] == []
