@@ -17,7 +17,8 @@ the two swaps, where FINAL is missing (never a mix). The next writer (or `recove
 FINAL is missing and a `.gpo-old-*` exists, the backup is renamed back to FINAL (the previous complete output;
 the new one is rebuilt by the rerun); every other `.gpo-new-*` / `.gpo-old-*` is an unfinished build or a finished
 swap's leftover and is removed. A lock whose process is gone (its flock died with it; the pid it names is dead or
-reused) is taken over, so the same command simply runs again, and racing writers never both hold it. A lock from another host is never guessed at: the error names the file to delete.
+reused) is taken over, so the same command simply runs again, and racing writers never both hold it. A lock
+from another host is never guessed at: the error names the file to delete.
 
 Ownership (`check_output_dir`): every directory gpo-trl builds holds `.gpo-trl`, a JSON marker with the command and
 the files it wrote. gpo-trl replaces a directory only when it holds no file it did not write there; anything else
