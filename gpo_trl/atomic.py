@@ -181,14 +181,11 @@ def _process_identity(pid: int) -> float | None:
         return None
 
 
-_held: set[str] = set()  # the locks this process holds now
-
-
-def _lock_is_stale(content: dict, lock: Path) -> bool:
+def _lock_is_stale(content: dict) -> bool:
     if content.get("host") != socket.gethostname():
         return False  # cannot tell from here
     if content.get("pid") == os.getpid():
-        return str(lock) not in _held  # this process's own, from a block that crashed (tests' SimulatedCrash)
+        return True  # flocked by us, so no live block of ours holds it: one that crashed (tests' SimulatedCrash)
     started = _process_identity(int(content.get("pid", -1)))
     return started is None or abs(started - float(content.get("started", 0))) > 1e-3
 
@@ -206,12 +203,11 @@ def directory_lock(final: Path) -> Iterator[None]:
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_identity(os.getpid())}
     fd = _flock_lock_file(lock, final)
     holder = _read_holder(fd)
-    if holder and not _lock_is_stale(holder, lock):
+    if holder and not _lock_is_stale(holder):
         os.close(fd)
         raise _held_by(final, lock, holder)
     os.ftruncate(fd, 0)  # ours now: a fresh lock, or a dead writer's taken over
     os.pwrite(fd, json.dumps(me).encode(), 0)
-    _held.add(str(lock))
     try:
         yield
         fault_point("unlock")
@@ -223,8 +219,6 @@ def directory_lock(final: Path) -> Iterator[None]:
         raise
     else:
         _release(lock, fd)
-    finally:
-        _held.discard(str(lock))
 
 
 def _flock_lock_file(lock: Path, final: Path) -> int:

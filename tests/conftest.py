@@ -87,6 +87,23 @@ def logged_steps(trainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
 
 
+def python_stacks(pid: int) -> str:
+    """py-spy's dump of a process and its children: where a hung run waits."""
+    import subprocess
+
+    import psutil
+
+    dumps = []
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            dump = subprocess.run(["py-spy", "dump", "--native", "--pid", str(process.pid)], capture_output=True,
+                                  text=True, timeout=60)
+            dumps.append(dump.stdout or dump.stderr)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            dumps.append(f"{process.pid}: no stack ({err})")
+    return "\n".join(dumps)
+
+
 def launch_two_ranks(script: str, model, tmp_path, *script_args, timeout=240):
     """`accelerate launch` 2 gloo processes of a script in tests/ on a free port; kill them all if they hang."""
     import socket
@@ -108,11 +125,13 @@ def launch_two_ranks(script: str, model, tmp_path, *script_args, timeout=240):
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        stacks = python_stacks(process.pid)
         workers = psutil.Process(process.pid).children(recursive=True)  # torch's launcher gives each its own session
         for worker in [*workers, psutil.Process(process.pid)]:
             worker.kill()
         out, err = process.communicate()
-        pytest.fail(f"the ranks hung (no result in {timeout} s):\n{err[-3000:]}")
+        pytest.fail(f"the ranks hung (no result in {timeout} s):\n--- stacks ---\n{stacks}\n--- stderr (end) ---\n"
+                    f"{err[-3000:]}")
     assert process.returncode == 0, err[-3000:]
     [line] = [line for line in out.splitlines() if line.startswith("RANKS ")]
     return sorted(json.loads(line[len("RANKS "):]), key=lambda entry: entry["rank"]), err

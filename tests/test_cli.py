@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import console_script
+from conftest import console_script, python_stacks
 
 REPO = Path(__file__).parent.parent
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -37,19 +37,6 @@ def gpo_trl(*args, cwd, timeout=300, launcher=None):
             pytest.fail(f"{shlex.join(command[1:3])} still running after {timeout} s.\n--- stacks ---\n{stacks}\n"
                         f"--- stdout (end) ---\n{stdout[-3000:]}\n--- stderr (end) ---\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-
-
-def python_stacks(pid: int) -> str:
-    """py-spy's dump of a process and its children: where a hung run waits."""
-    dumps = []
-    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        try:
-            dump = subprocess.run(["py-spy", "dump", "--native", "--pid", str(process.pid)], capture_output=True,
-                                  text=True, timeout=60)
-            dumps.append(dump.stdout or dump.stderr)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            dumps.append(f"{process.pid}: no stack ({err})")
-    return "\n".join(dumps)
 
 
 def demo_paths(tmp_path) -> list[str]:
